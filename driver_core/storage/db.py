@@ -1,0 +1,231 @@
+"""Async engine, sessions and schema migrations for SQLite and PostgreSQL.
+
+The schema is owned by Alembic (driver_core/migrations), never by
+``create_all``: every start upgrades the database to the newest revision so an
+upgraded driver can open an older database file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+# Plain driver names a user may write, mapped to the async drivers we ship.
+_ASYNC_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+}
+_SUPPORTED = {"sqlite+aiosqlite", "postgresql+asyncpg"}
+_PG_CONNECT_TIMEOUT_S = 10
+
+
+class DatabaseError(Exception):
+    """The database cannot be opened or migrated; the message is one line for the user."""
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL as text with its password replaced by ``***`` (safe for logs and errors)."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # unparsable: mask anything that looks like user:password@
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def normalize_url(url: str) -> URL:
+    """Parse ``url`` and pick the async driver (``sqlite://`` -> ``sqlite+aiosqlite://``)."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise DatabaseError(f"invalid database URL {mask_url(url)!r}: {_reason(exc)}") from None
+    name = _ASYNC_DRIVERS.get(parsed.drivername, parsed.drivername)
+    if name not in _SUPPORTED:
+        raise DatabaseError(
+            f"unsupported database URL {mask_url(parsed)!r}: use sqlite+aiosqlite:///<file> "
+            "or postgresql+asyncpg://user:password@host/database"
+        )
+    return parsed.set(drivername=name)
+
+
+def alembic_config(url: str | URL | None = None) -> Config:
+    """An Alembic Config for our migrations without an alembic.ini file.
+
+    With ``url`` the stock commands (``command.revision(cfg, autogenerate=True)``,
+    ``command.upgrade``) work on their own; the driver itself passes a connection.
+    """
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        # ConfigParser interpolation: a literal '%' must be doubled.
+        text = url.render_as_string(hide_password=False) if isinstance(url, URL) else url
+        cfg.set_main_option("sqlalchemy.url", text.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest migration revision this code knows."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def _upgrade_sync(connection: Connection, revision: str) -> None:
+    cfg = alembic_config()
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, revision)
+
+
+def _current_sync(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+async def run_migrations(engine: AsyncEngine, revision: str = "head") -> None:
+    """Upgrade the database behind ``engine`` to ``revision`` (one transaction on PostgreSQL).
+
+    Raises DatabaseError when the database is at a revision this code does not
+    know (written by a newer release) or a migration step fails.
+    """
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_upgrade_sync, revision)
+    except CommandError as exc:
+        current = await current_revision(engine)
+        raise DatabaseError(
+            f"cannot migrate database {mask_url(engine.url)}: it is at schema revision "
+            f"{current!r}, which this version of coap-driver does not know "
+            f"(newest known: {head_revision()!r}); was it written by a newer release? "
+            f"({_reason(exc)})"
+        ) from None
+    except SQLAlchemyError as exc:
+        raise DatabaseError(
+            f"cannot migrate database {mask_url(engine.url)}: {_reason(exc)}"
+        ) from None
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    """The schema revision stored in the database (None for an empty database)."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(_current_sync)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers (web panel) run while the CoAP side writes; NORMAL is
+    # durable in WAL mode except for the last commits on power loss; foreign
+    # keys make ON DELETE CASCADE work.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line describing ``exc`` without SQLAlchemy's SQL echo and help links."""
+    inner: BaseException = exc
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        inner = exc.orig
+    text = str(inner) or type(inner).__name__
+    text = text.split("\n(Background on this error", 1)[0]
+    return " ".join(text.split())
+
+
+class Database:
+    """The driver's database: one async engine, sessions, migrations at start."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine: AsyncEngine | None = None
+        self._sessions: async_sessionmaker[AsyncSession] | None = None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RuntimeError("Database.start() has not been called")
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.engine.dialect.name
+
+    async def start(self) -> None:
+        """Connect, apply the SQLite pragmas and migrate to the newest schema.
+
+        Raises DatabaseError (one line, password masked) when the database
+        cannot be reached, created or migrated.
+        """
+        if self._engine is not None:
+            return
+        url = normalize_url(self.url)
+        shown = mask_url(url)
+        kwargs: dict[str, Any] = {}
+        if url.get_backend_name() == "sqlite":
+            _check_sqlite_location(url, shown)
+        elif "timeout" not in url.query:
+            kwargs["connect_args"] = {"timeout": _PG_CONNECT_TIMEOUT_S}
+        engine = create_async_engine(url, **kwargs)
+        if engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        try:
+            async with engine.connect():
+                pass
+        except Exception as exc:
+            await engine.dispose()
+            reason = _reason(exc)
+            if url.password:
+                reason = reason.replace(str(url.password), "***")
+            raise DatabaseError(f"cannot open database {shown}: {reason}") from None
+        try:
+            await run_migrations(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    async def stop(self) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+        self._engine = None
+        self._sessions = None
+
+    def session(self) -> AsyncSession:
+        """A new session; use as ``async with db.session() as s:``."""
+        if self._sessions is None:
+            raise RuntimeError("Database.start() has not been called")
+        return self._sessions()
+
+
+def _check_sqlite_location(url: URL, shown: str) -> None:
+    """Say *why* SQLite cannot create the file (it only reports 'unable to open')."""
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        raise DatabaseError(
+            f"unsupported database URL {shown!r}: an in-memory SQLite database would lose "
+            "everything at exit; give a file, e.g. sqlite+aiosqlite:///config/coap-driver.db"
+        )
+    parent = Path(database).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise DatabaseError(f"cannot open database {shown}: directory {parent} does not exist")

@@ -1,0 +1,131 @@
+"""Database tables. Every schema change comes with an Alembic migration."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on both SQLite (which forgets the zone) and PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    # Named constraints keep later migrations (SQLite batch mode included) predictable.
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class Device(Base):
+    """An enrolled device. Secrets are Fernet tokens, never plaintext."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    serial: Mapped[str] = mapped_column(String(16), unique=True, nullable=False)
+    hw_type: Mapped[int] = mapped_column(Integer, nullable=False)
+    kid: Mapped[bytes] = mapped_column(LargeBinary(7), unique=True, nullable=False)
+    master_secret_enc: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    master_salt_enc: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    name: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    join_date: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    firmware: Mapped[str | None] = mapped_column(String(64))
+    tx_interval: Mapped[int] = mapped_column(Integer, nullable=False, default=60)
+    uplinks_since_join: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+
+
+class SecurityContext(Base):
+    """The one current OSCORE context of a device (RFC 8613 B.2 result).
+
+    Keys are re-derived from the device secrets and `id_context`; only the
+    counters that make replays impossible across restarts are stored.
+    """
+
+    __tablename__ = "security_contexts"
+
+    device_id: Mapped[int] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    id_context: Mapped[bytes] = mapped_column(LargeBinary(32), nullable=False)
+    r2_issued_ms: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    sender_seq_reserved: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    replay_index: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    replay_bitfield: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    established_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class UplinkRecord(Base):
+    """Uplink history: what the device sent and what it decoded to."""
+
+    __tablename__ = "uplinks"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[int] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+    message_type: Mapped[str] = mapped_column(String(16), nullable=False)
+    payload: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+
+
+class OutboxMessage(Base):
+    """Uplink documents not yet acknowledged by the MQTT broker, in arrival order.
+
+    The topic is rendered at publish time, so a topic change also applies to
+    what is still waiting.
+    """
+
+    __tablename__ = "mqtt_outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    serial: Mapped[str] = mapped_column(String(16), nullable=False)
+    document: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class IntegrationSettings(Base):
+    """Settings saved for an integration (web panel, CLI); override configuration.yaml."""
+
+    __tablename__ = "integration_settings"
+
+    domain: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
