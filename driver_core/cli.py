@@ -1,0 +1,340 @@
+"""`coap-driver`: run the driver, enroll devices, simulate devices, change integration settings.
+
+Every expected failure (bad configuration, unreachable database, taken port,
+bad CSV row) ends with one clear line on stderr and exit status 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .components import ComponentError
+from .config import ConfigError
+from .device_client import CoapTiming
+from .driver import Driver, StartupError, load_components
+from .enrollment import (
+    EnrollmentError,
+    add_device,
+    delete_device,
+    import_csv,
+    list_devices,
+    parse_device,
+    read_devices_csv,
+    write_devices_csv,
+)
+from .family import FamilyError
+from .integrations import SettingsError
+from .simulator import Simulator, demo_devices
+from .storage.db import DatabaseError
+from .storage.secretbox import SecretBoxError
+
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    ComponentError,
+    FamilyError,
+    DatabaseError,
+    SecretBoxError,
+    EnrollmentError,
+    SettingsError,
+    StartupError,
+)
+DEMO_CSV = "demo-devices.csv"
+DEMO_HW_TYPES = [17, 24, 28]  # one device of each family
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions", "aiosqlite", "sqlalchemy.engine", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _broker_error_types() -> tuple[type[Exception], ...]:
+    try:
+        from .broker import BrokerError
+    except ImportError:  # pragma: no cover
+        return ()
+    return (BrokerError,)
+
+
+def _apply_log_levels(driver: Driver) -> None:
+    assert driver.config is not None
+    logger = driver.config.logger
+    logging.getLogger().setLevel(logger.get("default", "INFO").upper())
+    for name, level in (logger.get("logs") or {}).items():
+        logging.getLogger(name).setLevel(str(level).upper())
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    driver = Driver(args.config)
+    driver.load()
+    _apply_log_levels(driver)
+    await driver.run_forever()
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _storage(config_dir: Path):
+    """Database and secret box of a configuration directory, for one-shot commands."""
+    driver = Driver(config_dir)
+    config = driver.load()
+    from .storage.db import Database
+    from .storage.secretbox import SecretBox
+
+    db = Database(config.database["url"])
+    await db.start()
+    try:
+        yield driver, db, SecretBox.load_or_create(driver.config_dir)
+    finally:
+        await db.stop()
+
+
+async def cmd_device_add(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (driver, db, box):
+        device = parse_device(
+            {
+                "serial": args.serial,
+                "hw_type": args.hw_type,
+                "sender_id": args.sender_id,
+                "master_secret": args.master_secret,
+                "master_salt": args.master_salt or "",
+                "name": args.name,
+            },
+            driver.families.keys(),
+        )
+        await add_device(db, box, device)
+    print(f"enrolled {device.serial} (hw_type {device.hw_type})")
+    return 0
+
+
+async def cmd_device_import(args: argparse.Namespace) -> int:
+    text = Path(args.file).read_text(encoding="utf-8")
+    async with _storage(args.config) as (driver, db, box):
+        report = await import_csv(db, box, text, driver.families.keys())
+    for serial in report.added:
+        print(f"added {serial}")
+    for line, message in report.errors:
+        print(f"{args.file}:{line}: {message}", file=sys.stderr)
+    print(f"{len(report.added)} added, {len(report.errors)} rejected")
+    return 0 if not report.errors else 1
+
+
+async def cmd_device_list(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (driver, db, _box):
+        devices = await list_devices(db, offset=args.offset, limit=args.limit)
+    print(f"{'serial':<16} {'hw_type':>7} {'family':<18} {'join_date':<25} last_seen")
+    for device in devices:
+        family = driver.families.get(device.hw_type)
+        print(
+            f"{device.serial:<16} {device.hw_type:>7} {family.name if family else '?':<18} "
+            f"{device.join_date.isoformat() if device.join_date else '-':<25} "
+            f"{device.last_seen.isoformat() if device.last_seen else '-'}"
+        )
+    return 0
+
+
+async def cmd_device_remove(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (_driver, db, _box):
+        removed = await delete_device(db, args.serial)
+    if not removed:
+        print(f"no device with serial {args.serial}", file=sys.stderr)
+        return 1
+    print(f"removed {args.serial}")
+    return 0
+
+
+async def cmd_integration_show(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (driver, db, _box):
+        from .integrations import IntegrationManager
+
+        driver.db = db
+        assert driver.config is not None
+        manager = IntegrationManager(driver, driver._modules, driver.config.integrations)
+        effective = await manager._effective()
+    settings = dict(effective.get(args.domain, {}))
+    if "password" in settings and settings["password"]:
+        settings["password"] = "********"
+    print(json.dumps(settings, indent=2, default=str))
+    return 0
+
+
+async def cmd_integration_set(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {}
+    for item in args.values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SettingsError({item: "expected key=value"})
+        changes[key] = _parse_value(value)
+    async with _storage(args.config) as (driver, db, _box):
+        from .integrations import IntegrationManager
+
+        driver.db = db
+        assert driver.config is not None
+        manager = IntegrationManager(driver, driver._modules, driver.config.integrations)
+        await manager.save(args.domain, changes)
+    print(f"saved {', '.join(changes)} for {args.domain}; a running driver applies it within seconds")
+    return 0
+
+
+def _parse_value(text: str) -> Any:
+    """`qos=1` is a number, `tls_insecure=false` a boolean, anything else a string."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, int | float | bool) or value is None else text
+
+
+async def cmd_simulate(args: argparse.Namespace) -> int:
+    families, _ = load_components(Path(args.config).resolve())
+    devices = read_devices_csv(Path(args.devices).read_text(encoding="utf-8"), families.keys())
+    simulator = Simulator(
+        devices, families, args.host, args.port, time_scale=args.time_scale,
+        on_event=lambda serial, text: print(f"{serial}: {text}", flush=True),
+    )
+    await simulator.run(transmissions=args.transmissions)
+    return 0
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    """Driver + built-in broker + three simulated devices, printing what arrives on MQTT."""
+    import aiomqtt
+
+    driver = Driver(args.config)
+    config = driver.load()
+    _apply_log_levels(driver)
+    mqtt = config.integrations.setdefault("mqtt", {})
+    host, port = mqtt.get("builtin_host", "127.0.0.1"), mqtt.get("builtin_port", 1883)
+    if mqtt.get("broker", "builtin") == "builtin" and not _port_free(host, port):
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            free = sock.getsockname()[1]
+        print(f"demo: port {port} is taken (another MQTT broker?); the built-in broker uses {free}")
+        mqtt["builtin_port"] = port = free
+    csv_path = driver.config_dir / DEMO_CSV
+    await driver.start()
+    try:
+        if not csv_path.exists():
+            devices = demo_devices(3, [h for h in DEMO_HW_TYPES if h in driver.families])
+            for device in devices:
+                await add_device(driver.db, driver.box, device)
+            csv_path.write_text(write_devices_csv(devices), encoding="utf-8")
+        devices = read_devices_csv(csv_path.read_text(encoding="utf-8"), driver.families.keys())
+        topic_filter = "application/COAP/device/+/uplink"
+        print(f"demo: {len(devices)} simulated devices; showing MQTT {topic_filter} on {host}:{port}")
+        simulator = Simulator(
+            devices, driver.families, "127.0.0.1", driver.coap_port,
+            time_scale=args.time_scale, timing=CoapTiming(ack_timeout=1.0),
+            on_event=lambda serial, text: None,
+        )
+        async with aiomqtt.Client(host, port) as client:
+            await client.subscribe(topic_filter, qos=1)
+            sim = asyncio.create_task(simulator.run())
+            try:
+                async for message in client.messages:
+                    print(f"{message.topic}  {message.payload.decode()}", flush=True)
+            finally:
+                sim.cancel()
+    finally:
+        await driver.stop()
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coap-driver", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", "-c", type=Path, default=Path("config"), help="configuration directory")
+    parser.add_argument("--version", action="version", version=f"coap-driver {__version__}")
+    commands = parser.add_subparsers(dest="command")
+
+    commands.add_parser("run", help="run the driver (the default)").set_defaults(func=cmd_run)
+
+    demo = commands.add_parser("demo", help="run the driver with three simulated devices")
+    demo.add_argument("--time-scale", type=float, default=60.0, help="60: five minutes last five seconds")
+    demo.set_defaults(func=cmd_demo)
+
+    device = commands.add_parser("device", help="enroll, list and remove devices")
+    device_commands = device.add_subparsers(dest="device_command", required=True)
+    add = device_commands.add_parser("add", help="enroll one device")
+    add.add_argument("--serial", required=True)
+    add.add_argument("--hw-type", required=True)
+    add.add_argument("--sender-id", required=True, help="hex, 1-7 bytes (the kid)")
+    add.add_argument("--master-secret", required=True, help="hex, 16 bytes")
+    add.add_argument("--master-salt", default="", help="hex, 0 or 8 bytes")
+    add.add_argument("--name")
+    add.set_defaults(func=cmd_device_add)
+    imp = device_commands.add_parser("import", help="enroll devices from a CSV file")
+    imp.add_argument("file")
+    imp.set_defaults(func=cmd_device_import)
+    lst = device_commands.add_parser("list", help="list enrolled devices")
+    lst.add_argument("--offset", type=int, default=0)
+    lst.add_argument("--limit", type=int, default=100)
+    lst.set_defaults(func=cmd_device_list)
+    rem = device_commands.add_parser("remove", help="delete a device")
+    rem.add_argument("serial")
+    rem.set_defaults(func=cmd_device_remove)
+
+    integ = commands.add_parser("integration", help="show or change an integration's settings")
+    integ_commands = integ.add_subparsers(dest="integration_command", required=True)
+    show = integ_commands.add_parser("show")
+    show.add_argument("domain")
+    show.set_defaults(func=cmd_integration_show)
+    setp = integ_commands.add_parser("set", help="e.g. set mqtt uplink_topic=devices/{{serial}}")
+    setp.add_argument("domain")
+    setp.add_argument("values", nargs="+", metavar="key=value")
+    setp.set_defaults(func=cmd_integration_set)
+
+    sim = commands.add_parser("simulate", help="run simulated devices from a device CSV")
+    sim.add_argument("--devices", required=True, help="CSV with serial,hw_type,sender_id,master_secret,master_salt")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=5683)
+    sim.add_argument("--time-scale", type=float, default=1.0)
+    sim.add_argument("--transmissions", type=int, default=None, help="stop after N rx per device")
+    sim.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", cmd_run)
+    # One-shot commands print their own results; only the long-running ones narrate.
+    _setup_logging("INFO" if func in (cmd_run, cmd_demo, cmd_simulate) else "WARNING")
+    expected = EXPECTED_ERRORS + _broker_error_types()
+    try:
+        return asyncio.run(func(args))
+    except expected as exc:
+        print(f"coap-driver: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"coap-driver: {exc.filename}: file not found", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

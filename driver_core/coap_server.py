@@ -1,0 +1,332 @@
+"""The CoAP side: OSCORE-protected resources /join, /rx, /ack, /fota on aiocoap.
+
+Handlers stay short (decode, one group-committed write, answer) so every answer
+is piggybacked in the ACK well inside aiocoap's 100 ms empty-ACK delay; a
+sleeping device would miss a separate response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import aiocoap
+import cbor2
+from aiocoap import error, oscore, resource
+from aiocoap.numbers.codes import Code
+from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
+from aiocoap.transports.oscore import OSCOREAddress
+
+from . import refusals as why
+from .family import PayloadDecodeError
+from .security import DeviceContext, DeviceCredentials, DeviceState
+from .timefmt import utcnow
+from .uplink import Uplink
+from .writer import StorageUnavailable, UplinkWriter, WriteJob
+
+if TYPE_CHECKING:
+    from .family import Family
+    from .refusals import Refusals
+
+_LOGGER = logging.getLogger(__name__)
+CBOR = 60  # Content-Format application/cbor
+
+# What a resource adds to an answer: called with (device, message_type, body)
+AnswerHook = Callable[[DeviceState, str, dict[Any, Any]], None]
+
+
+def cbor_answer(code: Code, body: dict[Any, Any]) -> aiocoap.Message:
+    """A response carrying the protocol's answer map (empty payload for an empty map)."""
+    if not body:
+        return aiocoap.Message(code=code)
+    return aiocoap.Message(code=code, payload=cbor2.dumps(body), content_format=CBOR)
+
+
+class DeviceSite(OscoreSiteWrapper):
+    """aiocoap's OSCORE wrapper, with the device fetched from the database before lookup
+    and every refusal counted."""
+
+    def __init__(self, inner_site: resource.Site, credentials: DeviceCredentials, refusals: Refusals):
+        super().__init__(inner_site, credentials)
+        self._credentials = credentials
+        self._refusals = refusals
+
+    async def render_to_pipe(self, pipe):
+        request = pipe.request
+        try:
+            unprotected = oscore.verify_start(request)
+        except oscore.NotAProtectedMessage:
+            self._refusals.record(why.UNPROTECTED, remote=request.remote)
+            raise error.Unauthorized("OSCORE required") from None
+        except oscore.DecodeError:
+            self._refusals.record(why.MALFORMED_OSCORE, remote=request.remote)
+            raise error.BadOption("Failed to decode COSE") from None
+        kid = unprotected.get(oscore.COSE_KID)
+        state = await self._credentials.preload(kid) if kid is not None else None
+        if state is None:
+            self._refusals.record(why.UNKNOWN_KID, remote=request.remote, kid=kid)
+            raise error.Unauthorized("Security context not found")
+        try:
+            await super().render_to_pipe(pipe)
+        except error.Unauthorized:
+            self._refusals.record(why.NO_CONTEXT, remote=request.remote, kid=kid, serial=state.serial)
+            raise
+        except error.BadOption:
+            self._refusals.record(why.MALFORMED_OSCORE, remote=request.remote, kid=kid, serial=state.serial)
+            raise
+        except error.BadRequest:
+            self._refusals.record(why.DECRYPTION_FAILED, remote=request.remote, kid=kid, serial=state.serial)
+            raise
+
+
+class CountingSite(resource.Site):
+    """The resource tree; requests for unknown resources are counted before the 4.04."""
+
+    def __init__(self, refusals: Refusals) -> None:
+        super().__init__()
+        self._refusals = refusals
+
+    async def render_to_pipe(self, pipe):
+        try:
+            await super().render_to_pipe(pipe)
+        except error.NotFound:
+            remote = pipe.request.remote
+            context = getattr(remote, "security_context", None)
+            device = getattr(context, "device", None)
+            self._refusals.record(
+                why.UNKNOWN_RESOURCE,
+                kid=getattr(device, "kid", None),
+                serial=getattr(device, "serial", None),
+                detail="/" + "/".join(pipe.request.opt.uri_path),
+            )
+            raise
+
+
+class DeviceResource(resource.Resource):
+    """Base of the device resources: authentication, size limit, durable write."""
+
+    message_type = ""
+
+    def __init__(self, core: CoapCore) -> None:
+        super().__init__()
+        self.core = core
+
+    async def needs_blockwise_assembly(self, request):
+        return False
+
+    def context_of(self, request) -> DeviceContext:
+        remote = request.remote
+        if not isinstance(remote, OSCOREAddress) or not isinstance(remote.security_context, DeviceContext):
+            self.core.refusals.record(why.UNPROTECTED, remote=remote)
+            raise error.Unauthorized("OSCORE required")
+        return remote.security_context
+
+    def check_size(self, request, context: DeviceContext) -> None:
+        if len(request.payload) > self.core.max_payload:
+            self.core.refusals.record(
+                why.OVERSIZED, kid=context.device.kid, serial=context.device.serial,
+                detail=f"{len(request.payload)} bytes",
+            )
+            raise error.RequestEntityTooLarge(f"Payload over {self.core.max_payload} bytes")
+
+    async def store(self, job: WriteJob) -> None:
+        try:
+            await self.core.writer.submit(job)
+        except StorageUnavailable as exc:
+            self.core.refusals.record(why.STORAGE, serial=job.state.serial, detail=str(exc))
+            raise error.ServiceUnavailable("Storage unavailable, retry later") from None
+
+    def new_uplink(self, state: DeviceState, data: dict[str, Any]) -> Uplink:
+        """Build the uplink and move `last_seen` (the document carries the previous one)."""
+        now = utcnow()
+        uplink = Uplink(
+            serial=state.serial,
+            hw_type=state.hw_type,
+            message_type=self.message_type,
+            rx_date=now,
+            join_date=state.join_date,
+            last_seen=state.last_seen,
+            data=data,
+        )
+        state.last_seen = now
+        state.uplinks_since_join += 1
+        return uplink
+
+    async def render_post(self, request):
+        context = self.context_of(request)
+        if context.phase != "current":
+            # C1/C3 contexts exist only for the JOIN.
+            return aiocoap.Message(code=Code.UNAUTHORIZED, payload=b"Join first")
+        self.check_size(request, context)
+        state = context.device
+        data, failure = self.decode(state, request.payload)
+        if failure is not None:
+            self.core.refusals.record(why.BAD_PAYLOAD, kid=state.kid, serial=state.serial, detail=failure)
+        uplink = self.new_uplink(state, data)
+        await self.store(WriteJob(state, context, uplink, request.payload))
+        if failure is not None:
+            return aiocoap.Message(code=Code.BAD_REQUEST, payload=failure.encode()[:120])
+        body: dict[Any, Any] = {}
+        self.core.answer_hook(state, self.message_type, body)
+        return cbor_answer(Code.CHANGED, body)
+
+    def decode(self, state: DeviceState, payload: bytes) -> tuple[dict[str, Any], str | None]:
+        raise NotImplementedError
+
+
+def undecodable(payload: bytes, reason: str) -> tuple[dict[str, Any], str]:
+    """`data` of an uplink that could not be decoded: the raw bytes and why."""
+    return {"raw": payload.hex(), "error": reason}, reason
+
+
+def load_cbor(payload: bytes) -> Any:
+    try:
+        return cbor2.loads(payload)
+    except Exception as exc:  # cbor2 raises several types for broken input
+        raise PayloadDecodeError(f"invalid CBOR: {exc}") from None
+
+
+class RxResource(DeviceResource):
+    message_type = "rx"
+
+    def decode(self, state, payload):
+        family = self.core.families.get(state.hw_type)
+        if family is None:
+            return undecodable(payload, f"no device family for hw_type {state.hw_type}")
+        try:
+            return family.decode(state.hw_type, payload), None
+        except PayloadDecodeError as exc:
+            return undecodable(payload, str(exc))
+
+
+class AckResource(DeviceResource):
+    message_type = "ack"
+
+    def decode(self, state, payload):
+        try:
+            value = load_cbor(payload)
+        except PayloadDecodeError as exc:
+            return undecodable(payload, str(exc))
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        ):
+            return undecodable(payload, "ack must be a CBOR array [downlink_id, result] of two uints")
+        downlink_id, result = value
+        return {"downlink_id": downlink_id, "result": result, "accepted": result == 0}, None
+
+
+class FotaResource(DeviceResource):
+    message_type = "fota"
+
+    def decode(self, state, payload):
+        try:
+            value = load_cbor(payload)
+        except PayloadDecodeError as exc:
+            return undecodable(payload, str(exc))
+        if not isinstance(value, dict) or not isinstance(value.get(1), str):
+            return undecodable(payload, "fota request must be a CBOR map {1: firmware version (tstr)}")
+        return {"firmware": value[1]}, None
+
+
+def parse_join(payload: bytes) -> dict[str, Any]:
+    """JOIN inner payload `{1: firmware (tstr), 2: hw_type (uint), 3: reset cause (uint, optional)}`."""
+    value = load_cbor(payload)
+    if not isinstance(value, dict):
+        raise PayloadDecodeError("join payload must be a CBOR map")
+    firmware, hw_type, reset = value.get(1), value.get(2), value.get(3)
+    if not isinstance(firmware, str) or not firmware:
+        raise PayloadDecodeError("join key 1 (firmware version) must be a non-empty text string")
+    if not isinstance(hw_type, int) or isinstance(hw_type, bool) or hw_type < 0:
+        raise PayloadDecodeError("join key 2 (hw_type) must be an unsigned integer")
+    data: dict[str, Any] = {"firmware": firmware, "hw_type": hw_type}
+    if reset is not None:
+        if not isinstance(reset, int) or isinstance(reset, bool) or reset < 0:
+            raise PayloadDecodeError("join key 3 (reset cause) must be an unsigned integer")
+        data["reset_cause"] = reset
+    return data
+
+
+class JoinResource(DeviceResource):
+    """RFC 8613 B.2 steps 2 and 4 (step 2's 4.01 is protected with C2 by the context)."""
+
+    message_type = "join"
+
+    async def render_post(self, request):
+        context = self.context_of(request)
+        state = context.device
+        if context.phase == "join1":
+            return aiocoap.Message(code=Code.UNAUTHORIZED)
+        self.check_size(request, context)
+        try:
+            data = parse_join(request.payload)
+        except PayloadDecodeError as exc:
+            self.core.refusals.record(why.BAD_JOIN, kid=state.kid, serial=state.serial, detail=str(exc))
+            raise error.BadRequest(str(exc)[:120]) from None
+        if data["hw_type"] != state.hw_type:
+            _LOGGER.warning(
+                "Device %s joined reporting hw_type %s, enrolled as %s",
+                state.serial, data["hw_type"], state.hw_type,
+            )
+        joined = context.phase == "join3"
+        previous = (state.join_date, state.firmware, state.uplinks_since_join, state.last_seen)
+        now = utcnow()
+        if joined:
+            state.join_date = now
+            state.uplinks_since_join = 0
+        state.firmware = data["firmware"]
+        uplink = self.new_uplink(state, data)
+        uplink.rx_date = now
+        uplink.join_date = state.join_date
+        state.uplinks_since_join = 0  # the JOIN itself does not count as a data transmission
+        try:
+            await self.store(WriteJob(state, context, uplink, request.payload, joined=joined))
+        except error.ServiceUnavailable:
+            state.join_date, state.firmware, state.uplinks_since_join, state.last_seen = previous
+            raise
+        if joined:
+            DeviceCredentials.commit(state, context)
+            self.core.on_join(state)
+        body: dict[Any, Any] = {1: state.tx_interval, 2: int(time.time())}
+        self.core.answer_hook(state, self.message_type, body)
+        body.setdefault(3, 0)
+        return cbor_answer(Code.CHANGED, body)
+
+
+class CoapCore:
+    """What the resources share: the device lookup, the writer, the families, the counters."""
+
+    def __init__(
+        self,
+        credentials: DeviceCredentials,
+        writer: UplinkWriter,
+        families: dict[int, Family],
+        refusals: Refusals,
+        max_payload: int,
+    ) -> None:
+        self.credentials = credentials
+        self.writer = writer
+        self.families = families
+        self.refusals = refusals
+        self.max_payload = max_payload
+        # Replaced by the downlink queue: adds keys 3/4 (and 5 for /fota) to answers.
+        self.answer_hook: AnswerHook = lambda state, message_type, body: None
+        self.on_join: Callable[[DeviceState], None] = lambda state: None
+
+    def site(self) -> DeviceSite:
+        inner = CountingSite(self.refusals)
+        inner.add_resource(["join"], JoinResource(self))
+        inner.add_resource(["rx"], RxResource(self))
+        inner.add_resource(["ack"], AckResource(self))
+        inner.add_resource(["fota"], FotaResource(self))
+        return DeviceSite(inner, self.credentials, self.refusals)
+
+
+async def start_coap_server(core: CoapCore, host: str, port: int) -> aiocoap.Context:
+    """Bind the UDP listener; host '::' serves IPv4 and IPv6."""
+    return await aiocoap.Context.create_server_context(
+        core.site(), bind=(host, port), transports=["udp6"], loggername="driver_core.coap"
+    )

@@ -1,0 +1,142 @@
+"""The driver: wires configuration, storage, the CoAP listener and the integrations together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+
+from .coap_server import CoapCore, start_coap_server
+from .components import builtin_components_dir, discover_components, import_integration
+from .config import CoreConfig, ensure_config_dir, load_configuration
+from .events import EventBus
+from .family import Family, load_family
+from .integrations import IntegrationManager
+from .join_tokens import JoinTokens
+from .refusals import Refusals, UnparsableDatagramCounter
+from .security import DeviceCredentials
+from .storage.db import Database
+from .storage.secretbox import SecretBox
+from .writer import UplinkWriter
+
+_LOGGER = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The driver cannot start; the message says which setting to change."""
+
+
+def load_components(config_dir: Path) -> tuple[dict[int, Family], dict[str, Any]]:
+    """Families by hw_type and integration modules by domain, built-in then the user's overrides."""
+    manifests = discover_components([builtin_components_dir(), config_dir / "custom_components"])
+    families: dict[int, Family] = {}
+    integrations: dict[str, Any] = {}
+    for domain, manifest in sorted(manifests.items()):
+        if manifest.type == "device_family":
+            family = load_family(manifest.path, domain)
+            for hw_type in family.hw_types:
+                if hw_type in families:
+                    raise StartupError(
+                        f"hw_type {hw_type} is declared by both {families[hw_type].domain} and {domain}"
+                    )
+                families[hw_type] = family
+        else:
+            integrations[domain] = import_integration(manifest)
+    return families, integrations
+
+
+class Driver:
+    """One running driver instance. `start()` then `stop()`; attributes are what integrations use."""
+
+    def __init__(self, config_dir: Path) -> None:
+        self.config_dir = Path(config_dir).resolve()
+        self.bus = EventBus()
+        self.refusals = Refusals()
+        self.config: CoreConfig | None = None
+        self.db: Database | None = None  # type: ignore[assignment]
+        self.box: SecretBox | None = None
+        self.families: dict[int, Family] = {}
+        self.credentials: DeviceCredentials | None = None
+        self.writer: UplinkWriter | None = None
+        self.coap: CoapCore | None = None
+        self.coap_context: aiocoap.Context | None = None
+        self.integrations: IntegrationManager | None = None
+        self._datagram_filter: UnparsableDatagramCounter | None = None
+
+    @property
+    def coap_port(self) -> int:
+        """The bound UDP port (useful when configured as 0)."""
+        assert self.coap_context is not None
+        for tokens in self.coap_context.request_interfaces:
+            messages = getattr(tokens, "token_interface", None)
+            udp = getattr(messages, "message_interface", None)
+            transport = getattr(udp, "transport", None)
+            if transport is not None:
+                return transport.get_extra_info("socket").getsockname()[1]
+        raise RuntimeError("CoAP listener not bound")
+
+    def load(self) -> CoreConfig:
+        """Read components and configuration (no I/O beyond files); raises ConfigError & co."""
+        ensure_config_dir(self.config_dir)
+        self.families, modules = load_components(self.config_dir)
+        schemas = {domain: module.config_flow.SETTINGS_SCHEMA for domain, module in modules.items()}
+        self.config = load_configuration(self.config_dir, schemas)
+        self._modules = modules
+        return self.config
+
+    async def start(self) -> None:
+        config = self.config or self.load()
+        self.box = SecretBox.load_or_create(self.config_dir)
+        self.db = Database(config.database["url"])
+        await self.db.start()
+        self.credentials = DeviceCredentials(
+            self.db,
+            self.box,
+            JoinTokens(self.box.derive_key(b"join-r2")),
+            self.refusals,
+            cache_size=config.coap["context_cache_size"],
+        )
+        self.writer = UplinkWriter(self.db, self.bus)
+        self.writer.start()
+        self.coap = CoapCore(
+            self.credentials, self.writer, self.families, self.refusals, config.coap["max_payload"]
+        )
+        self.integrations = IntegrationManager(self, self._modules, config.integrations)
+        await self.integrations.start()
+        self._datagram_filter = UnparsableDatagramCounter(self.refusals)
+        logging.getLogger("driver_core.coap").addFilter(self._datagram_filter)
+        try:
+            self.coap_context = await start_coap_server(self.coap, config.coap["host"], config.coap["port"])
+        except OSError as exc:
+            await self.stop()
+            raise StartupError(
+                f"coap.port: cannot listen on UDP {config.coap['host']} port {config.coap['port']}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        _LOGGER.info(
+            "coap-driver listening on UDP [%s]:%s with %d device families",
+            config.coap["host"], self.coap_port, len({f.domain for f in self.families.values()}),
+        )
+
+    async def stop(self) -> None:
+        if self.coap_context is not None:
+            await self.coap_context.shutdown()
+            self.coap_context = None
+        if self._datagram_filter is not None:
+            logging.getLogger("driver_core.coap").removeFilter(self._datagram_filter)
+        if self.writer is not None:
+            await self.writer.stop()
+        if self.integrations is not None:
+            await self.integrations.stop()
+        if self.db is not None:
+            await self.db.stop()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()

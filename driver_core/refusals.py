@@ -1,0 +1,53 @@
+"""Counting and logging refused requests: one log line per refusal, one counter per reason."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+_LOGGER = logging.getLogger("driver_core.refused")
+
+UNKNOWN_KID = "unknown_kid"
+NO_CONTEXT = "no_security_context"
+DECRYPTION_FAILED = "decryption_failed"
+REPLAY = "replay"
+MALFORMED_OSCORE = "malformed_oscore"
+MALFORMED_DATAGRAM = "malformed_datagram"
+UNPROTECTED = "unprotected"
+UNKNOWN_RESOURCE = "unknown_resource"
+OVERSIZED = "oversized_payload"
+BAD_PAYLOAD = "bad_payload"
+BAD_JOIN = "bad_join_payload"
+STORAGE = "storage_unavailable"
+
+
+class Refusals:
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def record(
+        self, reason: str, *, remote: object = None, kid: bytes | None = None, serial: str | None = None, detail: str = ""
+    ) -> None:
+        self.counts[reason] += 1
+        _LOGGER.warning(
+            "refused reason=%s serial=%s kid=%s remote=%s%s",
+            reason,
+            serial or "-",
+            kid.hex() if kid is not None else "-",
+            remote if remote is not None else "-",
+            f" detail={detail}" if detail else "",
+        )
+
+
+class UnparsableDatagramCounter(logging.Filter):
+    """aiocoap drops undecodable datagrams with a log line; count them as refusals."""
+
+    def __init__(self, refusals: Refusals) -> None:
+        super().__init__()
+        self._refusals = refusals
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Ignoring unparsable message from %s":
+            self._refusals.record(MALFORMED_DATAGRAM, remote=record.args[0] if record.args else None)
+            return False  # our own line replaces aiocoap's
+        return True

@@ -1,0 +1,92 @@
+"""Shared fixtures: a real driver on loopback UDP with its real database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from driver_core.device_client import CoapTiming, DeviceSession
+from driver_core.driver import Driver
+from driver_core.enrollment import DeviceInput, add_device
+from driver_core.events import EVENT_UPLINK
+from driver_core.uplink import Uplink
+
+pytest_plugins = ["tests.storage_fixtures"]
+
+FAST = CoapTiming(ack_timeout=0.5, max_retransmit=2)
+
+
+def write_config(config_dir: Path, database_url: str | None = None, extra: str = "") -> None:
+    """A configuration for tests: CoAP on a free loopback port, no MQTT unless `extra` adds it."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    database = f"database:\n  url: {database_url}\n" if database_url else ""
+    (config_dir / "configuration.yaml").write_text(
+        f"coap:\n  host: 127.0.0.1\n  port: 0\n{database}{extra}", encoding="utf-8"
+    )
+
+
+class UplinkLog:
+    """Collects uplink events from the bus and lets a test await the n-th one."""
+
+    def __init__(self) -> None:
+        self.items: list[Uplink] = []
+        self._grew = asyncio.Event()
+
+    def __call__(self, uplink: Uplink) -> None:
+        self.items.append(uplink)
+        self._grew.set()
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Uplink]:
+        async with asyncio.timeout(timeout):
+            while len(self.items) < count:
+                self._grew.clear()
+                await self._grew.wait()
+        return self.items
+
+
+@pytest.fixture
+async def running_driver(tmp_path: Path) -> AsyncIterator[Driver]:
+    config_dir = tmp_path / "config"
+    write_config(config_dir)
+    driver = Driver(config_dir)
+    await driver.start()
+    try:
+        yield driver
+    finally:
+        await driver.stop()
+
+
+@pytest.fixture
+def uplinks(running_driver: Driver) -> UplinkLog:
+    log = UplinkLog()
+    running_driver.bus.listen(EVENT_UPLINK, log)
+    return log
+
+
+def make_device(serial: str, hw_type: int, index: int) -> DeviceInput:
+    return DeviceInput(
+        serial=serial,
+        hw_type=hw_type,
+        sender_id=bytes([0xA0, index]),
+        master_secret=bytes(range(index, index + 16)),
+        master_salt=bytes([index] * 8),
+    )
+
+
+@pytest.fixture
+def enroll(running_driver: Driver) -> Callable:
+    async def enroll_device(device: DeviceInput) -> DeviceSession:
+        await add_device(running_driver.db, running_driver.box, device)
+        return session_for(running_driver, device)
+
+    return enroll_device
+
+
+def session_for(driver: Driver, device: DeviceInput, **kwargs) -> DeviceSession:
+    return DeviceSession(
+        device.sender_id, device.master_secret, device.master_salt, "127.0.0.1", driver.coap_port,
+        timing=FAST, **kwargs,
+    )

@@ -1,0 +1,84 @@
+"""The command line: one clear line and exit status 2 for every expected failure, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from driver_core import __version__
+
+CSV_HEADER = "serial,hw_type,sender_id,master_secret,master_salt\n"
+GOOD_ROW = "A0000001,17,a001,000102030405060708090a0b0c0d0e0f,0001020304050607\n"
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "driver_core", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_version(tmp_path: Path):
+    result = run_cli("--version", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, f"coap-driver {__version__}\n")
+
+
+def test_bad_configuration_is_one_line_without_traceback(tmp_path: Path):
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "configuration.yaml").write_text("coap:\n  port: 70000\n", encoding="utf-8")
+    result = run_cli("--config", str(config), "device", "list", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("coap-driver: ")
+    assert "coap.port" in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("coap-driver:")]) == 1
+
+
+def test_first_run_creates_configuration_and_enrolls_from_csv(tmp_path: Path):
+    config = tmp_path / "config"
+    devices = tmp_path / "devices.csv"
+    devices.write_text(
+        CSV_HEADER + GOOD_ROW + "a0000002,17,a002,000102030405060708090a0b0c0d0e0f,\n"
+        "A0000003,99,a003,000102030405060708090a0b0c0d0e0f,\n",
+        encoding="utf-8",
+    )
+    result = run_cli("--config", str(config), "device", "import", str(devices), cwd=tmp_path)
+    assert result.returncode == 1
+    assert (config / "configuration.yaml").is_file()
+    assert result.stdout.splitlines() == ["added A0000001", "1 added, 2 rejected"]
+    errors = result.stderr.splitlines()
+    assert len(errors) == 2
+    assert errors[0].startswith(f"{devices}:3: serial")
+    assert errors[1].startswith(f"{devices}:4: hw_type")
+    assert "Traceback" not in result.stderr
+
+    listed = run_cli("--config", str(config), "device", "list", cwd=tmp_path)
+    assert listed.returncode == 0
+    rows = listed.stdout.splitlines()
+    assert len(rows) == 2 and rows[1].split()[:3] == ["A0000001", "17", "VIDI"]
+
+
+def test_device_add_refuses_bad_secret_with_the_field_name(tmp_path: Path):
+    result = run_cli(
+        "--config", str(tmp_path / "config"), "device", "add", "--serial", "A0000009",
+        "--hw-type", "17", "--sender-id", "a009", "--master-secret", "0011", cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("coap-driver: master_secret: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_integration_set_validates_and_saves(tmp_path: Path):
+    config = tmp_path / "config"
+    bad = run_cli("--config", str(config), "integration", "set", "mqtt", "qos=3", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert "qos" in bad.stderr and "Traceback" not in bad.stderr
+    good = run_cli(
+        "--config", str(config), "integration", "set", "mqtt", "uplink_topic=sites/{{serial}}/up",
+        cwd=tmp_path,
+    )
+    assert good.returncode == 0, good.stderr
+    shown = run_cli("--config", str(config), "integration", "show", "mqtt", cwd=tmp_path)
+    assert '"uplink_topic": "sites/{{serial}}/up"' in shown.stdout

@@ -1,0 +1,239 @@
+"""JOIN (RFC 8613 B.2) and data requests over real UDP against a running driver."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import cbor2
+import pytest
+from aiocoap.numbers.codes import Code
+
+from driver_core.device_client import JoinRefused
+from driver_core.driver import Driver
+from driver_core.events import EVENT_UPLINK
+from driver_core.storage.models import Device, SecurityContext
+from tests.conftest import UplinkLog, make_device, session_for
+
+RX_PRESSURE = cbor2.dumps({1: 87, 3: -71, 14: 2310})
+
+
+async def test_join_then_rx_reaches_the_bus_with_documented_fields(running_driver, uplinks, enroll):
+    device = make_device("A0000001", 17, 1)
+    session = await enroll(device)
+    before = int(time.time())
+    answer = await session.join("2.1.0", 17, reset_cause=1)
+    assert answer.code == Code.CHANGED
+    assert set(answer.body) == {1, 2, 3}
+    assert answer.body[1] == 60 and answer.body[3] == 0
+    assert before <= answer.body[2] <= int(time.time())
+
+    rx = await session.post("rx", RX_PRESSURE)
+    assert rx.code == Code.CHANGED and rx.payload == b""
+    join_event, rx_event = await uplinks.wait_for(2)
+
+    join_doc, rx_doc = join_event.document(), rx_event.document()
+    assert join_doc["message_type"] == "join"
+    assert join_doc["data"] == {"firmware": "2.1.0", "hw_type": 17, "reset_cause": 1}
+    assert join_doc["last_seen"] is None
+    assert list(rx_doc) == [
+        "protocol", "rx_date", "hw_type", "message_type", "serial", "join_date", "last_seen", "data",
+    ]
+    assert rx_doc["protocol"] == 2
+    assert rx_doc["hw_type"] == "17"
+    assert rx_doc["serial"] == "A0000001"
+    assert rx_doc["message_type"] == "rx"
+    assert rx_doc["join_date"] == join_doc["join_date"]
+    assert rx_doc["last_seen"] == join_event.rx_date.strftime("%Y-%m-%dT%H:%M:%S.") + (
+        f"{join_event.rx_date.microsecond // 1000:03d}Z"
+    )
+    assert rx_event.outbox_id is not None
+
+    async with running_driver.db.session() as db:
+        stored = await db.get(Device, running_driver.credentials.cached(device.sender_id).device_id)
+        context = await db.get(SecurityContext, stored.id)
+    assert stored.firmware == "2.1.0"
+    assert stored.join_date == join_event.rx_date
+    assert stored.last_seen == rx_event.rx_date
+    assert context.id_context == session.context.id_context
+    assert len(context.id_context) == 24
+
+
+@pytest.mark.parametrize("style", ["absent", "raw", "wrapped"])
+async def test_kid_context_after_join_may_be_absent_raw_or_wrapped(running_driver, uplinks, enroll, style):
+    device = make_device("A0000002", 24, 2)
+    session = await enroll(device)
+    await session.join("1.0.0", 24)
+    session.kid_context_style = style
+    answer = await session.post("rx", cbor2.dumps({1: 55}))
+    assert answer.protected and answer.code in (Code.CHANGED, Code.BAD_REQUEST)
+    events = await uplinks.wait_for(2)
+    assert events[1].message_type == "rx"
+
+
+async def test_unknown_kid_gets_security_context_not_found(running_driver, uplinks):
+    stranger = make_device("Z0000001", 17, 9)
+    session = session_for(running_driver, stranger)
+    with pytest.raises(JoinRefused) as refused:
+        await session.join("1.0.0", 17)
+    assert refused.value.code == Code.UNAUTHORIZED
+    assert refused.value.payload == b"Security context not found"
+    assert running_driver.refusals.counts["unknown_kid"] == 1
+    assert uplinks.items == []
+
+
+async def test_wrong_key_gets_decryption_failed(running_driver, uplinks, enroll):
+    device = make_device("A0000003", 28, 3)
+    await enroll(device)
+    impostor = make_device("A0000003", 28, 4)
+    impostor.sender_id = device.sender_id
+    with pytest.raises(JoinRefused) as refused:
+        await session_for(running_driver, impostor).join("1.0.0", 28)
+    assert refused.value.code == Code.BAD_REQUEST
+    assert refused.value.payload == b"Decryption failed"
+    assert running_driver.refusals.counts["decryption_failed"] == 1
+    assert uplinks.items == []
+
+
+async def test_replayed_request_is_refused_also_after_restart(tmp_path: Path):
+    from driver_core.enrollment import add_device
+    from tests.conftest import write_config
+
+    config_dir = tmp_path / "config"
+    write_config(config_dir)
+    driver = Driver(config_dir)
+    await driver.start()
+    log = UplinkLog()
+    driver.bus.listen(EVENT_UPLINK, log)
+    device = make_device("A0000004", 17, 5)
+    await add_device(driver.db, driver.box, device)
+    session = session_for(driver, device)
+    await session.join("1.0.0", 17)
+    outer, request_id = session.protect("rx", RX_PRESSURE)
+    first = await session.send_raw(outer, request_id)
+    assert first.code == Code.CHANGED
+    replay = await session.send_raw(outer, request_id)
+    assert (replay.protected, replay.code, replay.payload) == (False, Code.UNAUTHORIZED, b"Replay detected")
+    assert driver.refusals.counts["replay"] == 1
+    port = driver.coap_port
+    await driver.stop()
+
+    # Same configuration directory, new process state: the replay window was persisted.
+    (config_dir / "configuration.yaml").write_text(
+        f"coap:\n  host: 127.0.0.1\n  port: {port}\n", encoding="utf-8"
+    )
+    driver = Driver(config_dir)
+    await driver.start()
+    try:
+        again = await session.send_raw(outer, request_id)
+        assert (again.protected, again.code, again.payload) == (False, Code.UNAUTHORIZED, b"Replay detected")
+        fresh = await session.post("rx", RX_PRESSURE)  # no re-JOIN needed after a restart
+        assert fresh.protected and fresh.code == Code.CHANGED
+    finally:
+        await driver.stop()
+    assert len(log.items) == 2
+
+
+async def test_superseded_context_is_refused(running_driver, uplinks, enroll):
+    device = make_device("A0000005", 16, 6)
+    old = await enroll(device)
+    await old.join("1.0.0", 16)
+    new = session_for(running_driver, device)
+    await new.join("1.0.0", 16)
+    old.kid_context_style = "wrapped"
+    refused = await old.post("rx", RX_PRESSURE)
+    assert (refused.protected, refused.code, refused.payload) == (
+        False, Code.UNAUTHORIZED, b"Security context not found",
+    )
+    old.kid_context_style = "absent"
+    refused = await old.post("rx", RX_PRESSURE)
+    assert (refused.protected, refused.code, refused.payload) == (False, Code.BAD_REQUEST, b"Decryption failed")
+    accepted = await new.post("rx", RX_PRESSURE)
+    assert accepted.code == Code.CHANGED
+    assert [u.message_type for u in await uplinks.wait_for(3)] == ["join", "join", "rx"]
+
+
+async def test_replayed_join_step3_cannot_bring_back_an_old_context(running_driver, uplinks, enroll):
+    device = make_device("A0000006", 18, 7)
+    session = await enroll(device)
+    captured = []
+    from driver_core import device_client
+
+    real_exchange = device_client.exchange
+
+    async def recording_exchange(host, port, request, timing=None):
+        captured.append(request)
+        return await real_exchange(host, port, request, timing)
+
+    device_client.exchange = recording_exchange
+    try:
+        await session.join("1.0.0", 18)
+    finally:
+        device_client.exchange = real_exchange
+    step3 = captured[-1]
+    await session.join("1.0.0", 18)  # a newer context replaces the first
+    answer = await real_exchange("127.0.0.1", running_driver.coap_port, step3, session.timing)
+    assert (answer.code, answer.payload) == (Code.UNAUTHORIZED, b"Security context not found")
+    ok = await session.post("rx", RX_PRESSURE)
+    assert ok.code == Code.CHANGED
+
+
+async def test_malformed_cbor_gets_4_00_and_is_still_published(running_driver, uplinks, enroll):
+    device = make_device("A0000007", 17, 8)
+    session = await enroll(device)
+    await session.join("1.0.0", 17)
+    answer = await session.post("rx", b"\xa1\x01")  # map announced, value missing
+    assert answer.protected and answer.code == Code.BAD_REQUEST
+    events = await uplinks.wait_for(2)
+    assert events[1].data == {
+        "raw": "a101",
+        "error": "truncated CBOR: the 2-byte payload ends inside a data item",
+    }
+    assert answer.payload == b"truncated CBOR: the 2-byte payload ends inside a data item"
+    assert running_driver.refusals.counts["bad_payload"] == 1
+
+
+async def test_garbage_datagrams_are_counted_and_harmless(running_driver, uplinks, enroll):
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(
+        asyncio.DatagramProtocol, remote_addr=("127.0.0.1", running_driver.coap_port)
+    )
+    for junk in (b"", b"\x00", b"\xff" * 40, b"GET / HTTP/1.1\r\n\r\n"):
+        transport.sendto(junk)
+    transport.close()
+    device = make_device("A0000008", 31, 10)
+    session = await enroll(device)
+    answer = await session.join("1.0.0", 31)  # the listener still serves devices
+    assert answer.code == Code.CHANGED
+    assert running_driver.refusals.counts["malformed_datagram"] >= 3
+
+
+async def test_unknown_resource_gets_protected_4_04(running_driver, uplinks, enroll):
+    device = make_device("A0000009", 23, 11)
+    session = await enroll(device)
+    await session.join("1.0.0", 23)
+    answer = await session.post("config", b"")
+    assert answer.protected and answer.code == Code.NOT_FOUND
+    assert running_driver.refusals.counts["unknown_resource"] == 1
+
+
+async def test_oversized_payload_gets_4_13(running_driver, uplinks, enroll):
+    device = make_device("A0000010", 14, 12)
+    session = await enroll(device)
+    await session.join("1.0.0", 14)
+    answer = await session.post("rx", cbor2.dumps({1: b"x" * 1050}))
+    assert answer.protected and answer.code == Code.REQUEST_ENTITY_TOO_LARGE
+    assert running_driver.refusals.counts["oversized_payload"] == 1
+    assert [u.message_type for u in await uplinks.wait_for(1)] == ["join"]
+
+
+async def test_unprotected_request_gets_4_01(running_driver):
+    import aiocoap
+
+    from driver_core.device_client import exchange
+
+    request = aiocoap.Message(code=Code.POST, uri_path=["rx"], payload=b"\xa0")
+    answer = await exchange("127.0.0.1", running_driver.coap_port, request)
+    assert (answer.code, answer.payload) == (Code.UNAUTHORIZED, b"OSCORE required")
+    assert running_driver.refusals.counts["unprotected"] == 1
