@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import aiocoap
@@ -27,14 +27,12 @@ from .uplink import Uplink
 from .writer import StorageUnavailable, UplinkWriter, WriteJob
 
 if TYPE_CHECKING:
+    from .downlinks import DownlinkQueue
     from .family import Family
     from .refusals import Refusals
 
 _LOGGER = logging.getLogger(__name__)
 CBOR = 60  # Content-Format application/cbor
-
-# What a resource adds to an answer: called with (device, message_type, body)
-AnswerHook = Callable[[DeviceState, str, dict[Any, Any]], None]
 
 
 def cbor_answer(code: Code, body: dict[Any, Any]) -> aiocoap.Message:
@@ -138,9 +136,8 @@ class DeviceResource(resource.Resource):
             self.core.refusals.record(why.STORAGE, serial=job.state.serial, detail=str(exc))
             raise error.ServiceUnavailable("Storage unavailable, retry later") from None
 
-    def new_uplink(self, state: DeviceState, data: dict[str, Any]) -> Uplink:
+    def new_uplink(self, state: DeviceState, data: dict[str, Any], now: datetime) -> Uplink:
         """Build the uplink and move `last_seen` (the document carries the previous one)."""
-        now = utcnow()
         uplink = Uplink(
             serial=state.serial,
             hw_type=state.hw_type,
@@ -151,25 +148,51 @@ class DeviceResource(resource.Resource):
             data=data,
         )
         state.last_seen = now
-        state.uplinks_since_join += 1
+        if self.message_type != "join":  # counts data transmissions (the transmission scheme)
+            state.uplinks_since_join += 1
         return uplink
+
+    async def accept(
+        self,
+        context: DeviceContext,
+        data: dict[str, Any],
+        payload: bytes,
+        *,
+        answered_ok: bool = True,
+        joined: bool = False,
+        now: datetime | None = None,
+    ) -> dict[Any, Any]:
+        """Store the uplink with the downlink transitions it causes; return answer keys 3/4."""
+        state = context.device
+        queue = self.core.downlinks
+        async with queue.locks.hold(state.device_id):
+            plan = await queue.plan(state, self.message_type, data, dispatch=answered_ok)
+            if plan.acked is not None:
+                data["command_id"] = plan.acked.command_id
+                data["command"] = plan.acked.command
+            uplink = self.new_uplink(state, data, now or utcnow())
+            await self.store(
+                WriteJob(state, context, uplink, payload, joined=joined, downlink_changes=plan.changes)
+            )
+        queue.committed(state, plan)
+        return plan.body
 
     async def render_post(self, request):
         context = self.context_of(request)
         if context.phase != "current":
             # C1/C3 contexts exist only for the JOIN.
+            self.core.refusals.record(
+                why.JOIN_FIRST, kid=context.device.kid, serial=context.device.serial
+            )
             return aiocoap.Message(code=Code.UNAUTHORIZED, payload=b"Join first")
         self.check_size(request, context)
         state = context.device
         data, failure = self.decode(state, request.payload)
         if failure is not None:
             self.core.refusals.record(why.BAD_PAYLOAD, kid=state.kid, serial=state.serial, detail=failure)
-        uplink = self.new_uplink(state, data)
-        await self.store(WriteJob(state, context, uplink, request.payload))
+        body = await self.accept(context, data, request.payload, answered_ok=failure is None)
         if failure is not None:
             return aiocoap.Message(code=Code.BAD_REQUEST, payload=failure.encode()[:120])
-        body: dict[Any, Any] = {}
-        self.core.answer_hook(state, self.message_type, body)
         return cbor_answer(Code.CHANGED, body)
 
     def decode(self, state: DeviceState, payload: bytes) -> tuple[dict[str, Any], str | None]:
@@ -278,22 +301,16 @@ class JoinResource(DeviceResource):
             state.join_date = now
             state.uplinks_since_join = 0
         state.firmware = data["firmware"]
-        uplink = self.new_uplink(state, data)
-        uplink.rx_date = now
-        uplink.join_date = state.join_date
-        state.uplinks_since_join = 0  # the JOIN itself does not count as a data transmission
         try:
-            await self.store(WriteJob(state, context, uplink, request.payload, joined=joined))
+            body = await self.accept(context, data, request.payload, joined=joined, now=now)
         except error.ServiceUnavailable:
             state.join_date, state.firmware, state.uplinks_since_join, state.last_seen = previous
             raise
         if joined:
             DeviceCredentials.commit(state, context)
-            self.core.on_join(state)
-        body: dict[Any, Any] = {1: state.tx_interval, 2: int(time.time())}
-        self.core.answer_hook(state, self.message_type, body)
-        body.setdefault(3, 0)
-        return cbor_answer(Code.CHANGED, body)
+        answer: dict[Any, Any] = {1: state.tx_interval, 2: int(time.time()), 3: 0}
+        answer.update(body)
+        return cbor_answer(Code.CHANGED, answer)
 
 
 class CoapCore:
@@ -306,15 +323,14 @@ class CoapCore:
         families: dict[int, Family],
         refusals: Refusals,
         max_payload: int,
+        downlinks: DownlinkQueue,
     ) -> None:
         self.credentials = credentials
         self.writer = writer
         self.families = families
         self.refusals = refusals
         self.max_payload = max_payload
-        # Replaced by the downlink queue: adds keys 3/4 (and 5 for /fota) to answers.
-        self.answer_hook: AnswerHook = lambda state, message_type, body: None
-        self.on_join: Callable[[DeviceState], None] = lambda state: None
+        self.downlinks = downlinks
 
     def site(self) -> DeviceSite:
         inner = CountingSite(self.refusals)

@@ -62,6 +62,7 @@ class CoreConfig:
     http: dict[str, Any]
     retention: dict[str, Any]
     devices: dict[str, Any]
+    downlinks: dict[str, Any]
     integrations: dict[str, dict[str, Any]]
 
     @property
@@ -203,6 +204,14 @@ def core_schemas(config_dir: Path) -> dict[str, vol.Schema]:
             {
                 vol.Optional("tx_interval", default=60): _int_range(1, 44640),
                 vol.Optional("grace_minutes", default=15): _int_range(0, 44640),
+            }
+        ),
+        "downlinks": _section(
+            {
+                # Seconds a dispatched downlink waits for its /ack before it becomes state 5.
+                vol.Optional("ack_timeout", default=300): _int_range(1, 7 * 86400),
+                # Pending downlinks one device may hold; more are refused with 409.
+                vol.Optional("max_pending", default=100): _int_range(1, 10_000),
             }
         ),
     }

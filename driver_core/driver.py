@@ -12,6 +12,7 @@ import aiocoap
 from .coap_server import CoapCore, start_coap_server
 from .components import builtin_components_dir, discover_components, import_integration
 from .config import CoreConfig, ensure_config_dir, load_configuration
+from .downlinks import DownlinkQueue
 from .events import EventBus
 from .family import Family, load_family
 from .integrations import IntegrationManager
@@ -62,6 +63,7 @@ class Driver:
         self.credentials: DeviceCredentials | None = None
         self.writer: UplinkWriter | None = None
         self.coap: CoapCore | None = None
+        self.downlinks: DownlinkQueue | None = None
         self.coap_context: aiocoap.Context | None = None
         self.integrations: IntegrationManager | None = None
         self._datagram_filter: UnparsableDatagramCounter | None = None
@@ -101,8 +103,21 @@ class Driver:
         )
         self.writer = UplinkWriter(self.db, self.bus)
         self.writer.start()
+        self.downlinks = DownlinkQueue(
+            self.db,
+            self.bus,
+            self.families,
+            ack_timeout=config.downlinks["ack_timeout"],
+            max_pending=config.downlinks["max_pending"],
+        )
+        await self.downlinks.start()
         self.coap = CoapCore(
-            self.credentials, self.writer, self.families, self.refusals, config.coap["max_payload"]
+            self.credentials,
+            self.writer,
+            self.families,
+            self.refusals,
+            config.coap["max_payload"],
+            self.downlinks,
         )
         self.integrations = IntegrationManager(self, self._modules, config.integrations)
         await self.integrations.start()
@@ -129,6 +144,8 @@ class Driver:
             logging.getLogger("driver_core.coap").removeFilter(self._datagram_filter)
         if self.writer is not None:
             await self.writer.stop()
+        if self.downlinks is not None:
+            await self.downlinks.stop()
         if self.integrations is not None:
             await self.integrations.stop()
         if self.db is not None:

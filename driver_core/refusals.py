@@ -19,6 +19,7 @@ OVERSIZED = "oversized_payload"
 BAD_PAYLOAD = "bad_payload"
 BAD_JOIN = "bad_join_payload"
 STORAGE = "storage_unavailable"
+JOIN_FIRST = "join_first"  # a data request under a context that exists only for the JOIN
 
 
 class Refusals:

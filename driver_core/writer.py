@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, insert, update
 
-from .events import EVENT_UPLINK, EventBus
+from .downlinks import DownlinkStateEvent, StateChange, apply_changes
+from .events import EVENT_DOWNLINK_STATE, EVENT_UPLINK, EventBus
 from .storage.models import Device, OutboxMessage, SecurityContext, UplinkRecord
 from .uplink import Uplink
 
@@ -43,6 +44,8 @@ class WriteJob:
     uplink: Uplink | None  # None: only the replay window moves (e.g. a GET)
     payload: bytes = b""
     joined: bool = False  # the context is a new C3 to commit
+    downlink_changes: list[StateChange] = field(default_factory=list)
+    downlink_events: list[DownlinkStateEvent] = field(default_factory=list)
 
 
 class UplinkWriter:
@@ -83,18 +86,37 @@ class UplinkWriter:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 try:
                     await self._write([job for job, _ in batch])
-                except Exception as exc:  # database down, disk full, read-only...
-                    _LOGGER.error("Could not store %d uplink(s): %s", len(batch), exc)
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(StorageUnavailable(str(exc)))
+                except Exception as exc:  # database down, disk full, a conflicting row...
+                    if len(batch) == 1:
+                        self._fail(batch, exc)
+                        continue
+                    # Find the culprit: one bad job must not fail the others.
+                    for single in batch:
+                        try:
+                            await self._write([single[0]])
+                        except Exception as single_exc:
+                            self._fail([single], single_exc)
+                        else:
+                            self._done([single])
                     continue
-                self.batches += 1
-                for job, future in batch:
-                    if job.uplink is not None:
-                        self._bus.fire(EVENT_UPLINK, job.uplink)
-                    if not future.done():
-                        future.set_result(None)
+                self._done(batch)
+
+    def _fail(self, batch: list[tuple[WriteJob, asyncio.Future[None]]], exc: Exception) -> None:
+        _LOGGER.error("Could not store %d uplink(s): %s", len(batch), exc)
+        for job, future in batch:
+            job.downlink_events.clear()
+            if not future.done():
+                future.set_exception(StorageUnavailable(str(exc)))
+
+    def _done(self, batch: list[tuple[WriteJob, asyncio.Future[None]]]) -> None:
+        self.batches += 1
+        for job, future in batch:
+            if job.uplink is not None:
+                self._bus.fire(EVENT_UPLINK, job.uplink)
+            for event in job.downlink_events:
+                self._bus.fire(EVENT_DOWNLINK_STATE, event)
+            if not future.done():
+                future.set_result(None)
 
     async def _write(self, jobs: list[WriteJob]) -> None:
         uplink_jobs = [job for job in jobs if job.uplink is not None]
@@ -146,6 +168,9 @@ class UplinkWriter:
                         for job in uplink_jobs
                     ],
                 )
+            for job in jobs:
+                if job.downlink_changes:
+                    job.downlink_events = await apply_changes(session, job.downlink_changes)
             windows = [job for job in jobs if not job.joined]
             if windows:
                 await session.execute(

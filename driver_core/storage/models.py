@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -129,3 +130,61 @@ class IntegrationSettings(Base):
     domain: Mapped[str] = mapped_column(String(64), primary_key=True)
     data: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class Downlink(Base):
+    """A command or configuration queued for a device; `state` follows the documented codes 0-5."""
+
+    __tablename__ = "downlinks"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    command_id: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
+    device_id: Mapped[int] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), nullable=False
+    )
+    command: Mapped[str] = mapped_column(String(64), nullable=False)
+    code: Mapped[int] = mapped_column(Integer, nullable=False)
+    parameter: Mapped[Any] = mapped_column(JSON, nullable=False)
+    state: Mapped[int] = mapped_column(Integer, nullable=False, index=True)
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
+    result: Mapped[int | None] = mapped_column(Integer)  # the device's ack result code
+    inserted_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # state 3 or 4
+    canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    unacknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # state 5
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+
+    __table_args__ = (Index("ix_downlinks_device_id_state", "device_id", "state"),)
+
+
+class DownlinkEvent(Base):
+    """Every state change of a downlink, in order; the callbacks integration delivers from here."""
+
+    __tablename__ = "downlink_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    downlink_id: Mapped[int] = mapped_column(
+        ForeignKey("downlinks.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    command_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    serial: Mapped[str] = mapped_column(String(16), nullable=False)
+    state: Mapped[int] = mapped_column(Integer, nullable=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
+    # Callback delivery: pending (NULL), "delivered", or "failed" after the retry budget.
+    callback_status: Mapped[str | None] = mapped_column(String(16), index=True)
+    callback_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    callback_error: Mapped[str | None] = mapped_column(Text)
+
+
+class ApiToken(Base):
+    """A REST API bearer token; only its SHA-256 is stored (the token is shown once)."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
