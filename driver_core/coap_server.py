@@ -122,6 +122,14 @@ class DeviceResource(resource.Resource):
         return remote.security_context
 
     def check_size(self, request, context: DeviceContext) -> None:
+        if request.opt.block1 is not None:
+            self.core.refusals.record(
+                why.OVERSIZED, kid=context.device.kid, serial=context.device.serial,
+                detail="block-wise uplink",
+            )
+            raise error.RequestEntityTooLarge(
+                f"Block-wise uplinks are not supported; send at most {self.core.max_payload} bytes"
+            )
         if len(request.payload) > self.core.max_payload:
             self.core.refusals.record(
                 why.OVERSIZED, kid=context.device.kid, serial=context.device.serial,

@@ -15,6 +15,7 @@ from .config import CoreConfig, ensure_config_dir, load_configuration
 from .downlinks import DownlinkQueue
 from .events import EventBus
 from .family import Family, load_family
+from .housekeeping import Housekeeping
 from .integrations import IntegrationManager
 from .join_tokens import JoinTokens
 from .refusals import Refusals, UnparsableDatagramCounter
@@ -66,6 +67,7 @@ class Driver:
         self.downlinks: DownlinkQueue | None = None
         self.coap_context: aiocoap.Context | None = None
         self.integrations: IntegrationManager | None = None
+        self.housekeeping: Housekeeping | None = None
         self._datagram_filter: UnparsableDatagramCounter | None = None
 
     @property
@@ -121,6 +123,8 @@ class Driver:
         )
         self.integrations = IntegrationManager(self, self._modules, config.integrations)
         await self.integrations.start()
+        self.housekeeping = Housekeeping(self)
+        self.housekeeping.start()
         self._datagram_filter = UnparsableDatagramCounter(self.refusals)
         logging.getLogger("driver_core.coap").addFilter(self._datagram_filter)
         try:
@@ -140,6 +144,8 @@ class Driver:
         if self.coap_context is not None:
             await self.coap_context.shutdown()
             self.coap_context = None
+        if self.housekeeping is not None:
+            await self.housekeeping.stop()
         if self._datagram_filter is not None:
             logging.getLogger("driver_core.coap").removeFilter(self._datagram_filter)
         if self.writer is not None:

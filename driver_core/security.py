@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from aiocoap.oscore import COSE_KID, COSE_KID_CONTEXT, ReplayError
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from . import refusals as why
 from .join_tokens import R1_LENGTH, R2_LENGTH, R3_LENGTH, JoinTokens
@@ -124,6 +124,7 @@ class DeviceCredentials:
         self._cache_size = cache_size
         self._by_kid: OrderedDict[bytes, DeviceState] = OrderedDict()
         self._unknown: dict[bytes, float] = {}
+        self._fleet_stamp: tuple[int, int | None] | None = None
 
     # -- cache ---------------------------------------------------------------
     async def preload(self, kid: bytes) -> DeviceState | None:
@@ -153,6 +154,29 @@ class DeviceCredentials:
 
     def cached(self, kid: bytes) -> DeviceState | None:
         return self._by_kid.get(kid)
+
+    async def reconcile(self) -> None:
+        """Notice enrollments and removals made elsewhere (CLI, API, another instance).
+
+        Cheap when nothing changed: one aggregate query. On a change, the
+        negative cache is cleared (a new device can join at once) and cached
+        devices that no longer exist are dropped (a removed device is refused).
+        """
+        async with self._db.session() as session:
+            stamp = tuple((await session.execute(select(func.count(), func.max(Device.id)))).one())
+            if stamp == self._fleet_stamp:
+                return
+            self._fleet_stamp = stamp
+            self._unknown.clear()
+            kids = list(self._by_kid)
+            present: set[bytes] = set()
+            for start in range(0, len(kids), 500):
+                chunk = kids[start : start + 500]
+                rows = await session.execute(select(Device.kid).where(Device.kid.in_(chunk)))
+                present.update(rows.scalars())
+        for kid in kids:
+            if kid not in present:
+                self._by_kid.pop(kid, None)
 
     async def _load(self, kid: bytes) -> DeviceState | None:
         async with self._db.session() as session:

@@ -237,3 +237,36 @@ async def test_unprotected_request_gets_4_01(running_driver):
     answer = await exchange("127.0.0.1", running_driver.coap_port, request)
     assert (answer.code, answer.payload) == (Code.UNAUTHORIZED, b"OSCORE required")
     assert running_driver.refusals.counts["unprotected"] == 1
+
+
+async def test_removed_device_is_refused_and_new_enrollment_is_seen_at_once(running_driver, enroll):
+    from driver_core.enrollment import delete_device
+
+    device = make_device("A0000011", 17, 13)
+    session = await enroll(device)
+    await session.join("1.0.0", 17)
+    late = make_device("A0000012", 17, 14)
+    late_session = session_for(running_driver, late)
+    with pytest.raises(JoinRefused):
+        await late_session.join("1.0.0", 17)  # not enrolled yet: remembered as unknown
+    await delete_device(running_driver.db, "A0000011")  # as another process would
+    await enroll(late)
+    await running_driver.credentials.reconcile()
+    refused = await session.post("rx", RX_PRESSURE)
+    assert (refused.code, refused.payload) == (Code.UNAUTHORIZED, b"Security context not found")
+    assert (await late_session.join("1.0.0", 17)).code == Code.CHANGED
+
+
+async def test_block_wise_uplink_is_refused_clearly(running_driver, enroll):
+    import aiocoap
+    from aiocoap.optiontypes import BlockOption
+
+    device = make_device("A0000013", 17, 15)
+    session = await enroll(device)
+    await session.join("1.0.0", 17)
+    request = aiocoap.Message(code=Code.POST, uri_path=["rx"], payload=b"\xa1\x01\x02")
+    request.opt.block1 = BlockOption.BlockwiseTuple(0, True, 2)
+    outer, request_id = session.context.protect(request, kid_context=False)
+    answer = await session.send_raw(outer, request_id)
+    assert answer.protected and answer.code == Code.REQUEST_ENTITY_TOO_LARGE
+    assert answer.payload == b"Block-wise uplinks are not supported; send at most 1024 bytes"

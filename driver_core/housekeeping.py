@@ -1,0 +1,66 @@
+"""Periodic chores of a running driver: notice fleet changes, expire old history."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import delete
+
+from .storage.models import UplinkRecord
+from .timefmt import utcnow
+
+if TYPE_CHECKING:
+    from .driver import Driver
+
+_LOGGER = logging.getLogger(__name__)
+FLEET_CHECK_SECONDS = 5.0
+PURGE_EVERY_SECONDS = 3600.0
+
+
+async def purge_uplinks(driver: Driver, days: int) -> int:
+    limit = utcnow() - timedelta(days=days)
+    async with driver.db.session() as session, session.begin():
+        result = await session.execute(delete(UplinkRecord).where(UplinkRecord.received_at < limit))
+    return result.rowcount or 0
+
+
+async def purge_history(driver: Driver) -> None:
+    """Apply the retention settings: old uplinks and finished downlinks go; pending ones stay."""
+    retention = driver.config.retention
+    uplinks = await purge_uplinks(driver, retention["uplinks_days"])
+    downlinks = await driver.downlinks.purge(retention["downlinks_days"])
+    if uplinks or downlinks:
+        _LOGGER.info("Retention: deleted %d uplinks and %d downlinks", uplinks, downlinks)
+
+
+class Housekeeping:
+    def __init__(self, driver: Driver) -> None:
+        self._driver = driver
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="housekeeping")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        next_purge = time.monotonic()
+        while True:
+            try:
+                await self._driver.credentials.reconcile()
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + PURGE_EVERY_SECONDS
+                    await purge_history(self._driver)
+            except Exception:
+                _LOGGER.exception("Housekeeping failed; retrying")
+            await asyncio.sleep(FLEET_CHECK_SECONDS)
