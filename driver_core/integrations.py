@@ -50,6 +50,7 @@ class IntegrationManager:
         self._settings: dict[str, dict] = {}
         self._stamp: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._applying = asyncio.Lock()  # the watcher and an explicit apply never overlap
 
     def schema(self, domain: str) -> vol.Schema:
         return self.modules[domain].config_flow.SETTINGS_SCHEMA
@@ -122,6 +123,10 @@ class IntegrationManager:
 
     async def apply_saved(self) -> None:
         """Reload every integration whose effective settings changed."""
+        async with self._applying:
+            await self._apply_saved()
+
+    async def _apply_saved(self) -> None:
         effective = await self._effective()
         for domain, settings in effective.items():
             if settings == self._settings.get(domain):
