@@ -1,0 +1,229 @@
+"""MQTT settings: one schema for configuration.yaml, the web form and the REST API.
+
+Each field carries its form label and help text as marker `description`, so the
+web panel builds the form from this schema instead of repeating it.
+`async_validate` adds the checks a schema cannot express (one field depends on
+another, a file must exist) and reports every problem as field -> message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import voluptuous as vol
+
+from .topic import DEFAULT_UPLINK_TOPIC, TopicTemplate, check_topic_name
+
+DEFAULT_STATUS_TOPIC = "coap-driver/status"
+BROKER_BUILTIN = "builtin"
+BROKER_EXTERNAL = "external"
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+class SettingsError(Exception):
+    """Settings that cannot be applied; `errors` maps field -> message."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"mqtt.{field}: {msg}" for field, msg in errors.items()))
+
+
+def _form(label: str, help_text: str, **extra: Any) -> dict[str, Any]:
+    return {"label": label, "help": help_text, **extra}
+
+
+def _text(value: Any) -> str:
+    """Empty YAML values (None) mean "not set"."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise vol.Invalid("expected text")
+    return value.strip()
+
+
+def broker_url(value: Any) -> str:
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]``; empty means not set."""
+    value = _text(value)
+    if not value:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in DEFAULT_PORTS:
+        if "://" not in value:
+            raise vol.Invalid("the broker URL must look like mqtt://host:port or mqtts://host:port")
+        raise vol.Invalid(
+            f"unsupported URL scheme {parts.scheme!r}: use mqtt:// or mqtts:// (TLS)"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise vol.Invalid("put the credentials in username and password, not in the URL")
+    if not parts.hostname:
+        raise vol.Invalid("the broker URL has no host name")
+    try:
+        port = parts.port
+    except ValueError:
+        raise vol.Invalid("the broker URL has an invalid port (1-65535)") from None
+    if port == 0:
+        raise vol.Invalid("the broker URL has an invalid port (1-65535)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise vol.Invalid("the broker URL must not have a path, query or fragment")
+    return value
+
+
+def topic_template(value: Any) -> str:
+    try:
+        TopicTemplate(_text(value))
+    except ValueError as exc:
+        raise vol.Invalid(str(exc)) from None
+    return _text(value)
+
+
+def topic_name(value: Any) -> str:
+    try:
+        return check_topic_name(_text(value))
+    except ValueError as exc:
+        raise vol.Invalid(str(exc)) from None
+
+
+_PORT = vol.All(
+    vol.Coerce(int, msg="expected a port number"),
+    vol.Range(min=1, max=65535, msg="the port must be between 1 and 65535"),
+)
+
+SETTINGS_SCHEMA = vol.Schema(
+    {
+        vol.Required(
+            "broker",
+            default=BROKER_BUILTIN,
+            description=_form(
+                "Use external broker",
+                "builtin: the driver's own broker; external: an existing broker at Broker URL",
+                options={BROKER_BUILTIN: "Built-in broker", BROKER_EXTERNAL: "External broker"},
+            ),
+        ): vol.In((BROKER_BUILTIN, BROKER_EXTERNAL), msg="broker must be builtin or external"),
+        vol.Optional(
+            "url",
+            default="",
+            description=_form(
+                "Broker URL",
+                "mqtt://host:port, or mqtts://host:port for MQTT over TLS (external broker only)",
+            ),
+        ): broker_url,
+        vol.Optional(
+            "username", default="", description=_form("Username", "Leave empty for anonymous")
+        ): _text,
+        vol.Optional(
+            "password",
+            default="",
+            description=_form("Password", "Password of the broker user", secret=True),
+        ): vol.All(vol.Any(None, str, msg="expected text"), lambda v: v or ""),
+        vol.Required(
+            "qos",
+            default=1,
+            description=_form(
+                "QoS", "0 at most once, 1 at least once, 2 exactly once", options=[0, 1, 2]
+            ),
+        ): vol.All(vol.Coerce(int, msg="QoS must be 0, 1 or 2"), vol.In((0, 1, 2), msg="QoS must be 0, 1 or 2")),
+        vol.Required(
+            "uplink_topic",
+            default=DEFAULT_UPLINK_TOPIC,
+            description=_form(
+                "Uplink topic",
+                "Topic of each uplink; {{serial}} is the device serial number "
+                "({{hw_type}} is also available)",
+            ),
+        ): topic_template,
+        vol.Optional(
+            "tls_ca_file",
+            default="",
+            description=_form(
+                "CA certificate file",
+                "PEM file of the CA that signed the broker certificate (mqtts://); "
+                "empty = the system's CAs",
+            ),
+        ): _text,
+        vol.Optional(
+            "tls_insecure",
+            default=False,
+            description=_form(
+                "Skip TLS verification", "Accept any broker certificate (testing only)"
+            ),
+        ): vol.Boolean(msg="expected true or false"),
+        vol.Optional(
+            "client_id",
+            default="",
+            description=_form("Client ID", "MQTT client identifier; empty = generated"),
+        ): vol.All(_text, vol.Length(max=128, msg="the client ID is longer than 128 characters")),
+        vol.Optional(
+            "status_topic",
+            default=DEFAULT_STATUS_TOPIC,
+            description=_form(
+                "Status topic",
+                "Retained online/offline availability of the driver (last will)",
+            ),
+        ): topic_name,
+        vol.Optional(
+            "builtin_host",
+            default="127.0.0.1",
+            description=_form(
+                "Built-in broker address", "Address the built-in broker listens on"
+            ),
+        ): vol.All(_text, vol.Length(min=1, msg="the address is empty")),
+        vol.Optional(
+            "builtin_port",
+            default=1883,
+            description=_form("Built-in broker port", "TCP port of the built-in broker"),
+        ): _PORT,
+    }
+)
+
+
+def schema_errors(exc: vol.MultipleInvalid) -> dict[str, str]:
+    """voluptuous errors as field -> message (first message per field)."""
+    errors: dict[str, str] = {}
+    for error in exc.errors:
+        field = str(error.path[0]) if error.path else "base"
+        errors.setdefault(field, error.msg)
+    return errors
+
+
+def _check_ca_file(path: str) -> str | None:
+    file = Path(path)
+    if not file.is_file():
+        return f"file not found: {path}"
+    try:
+        ssl.create_default_context(cafile=str(file))
+    except (OSError, ssl.SSLError) as exc:
+        return f"not a readable PEM CA certificate file: {path} ({exc})"
+    return None
+
+
+async def async_validate(settings: dict[str, Any] | None) -> dict[str, str]:
+    """Every problem with `settings` (raw or already validated) as field -> message.
+
+    An empty dict means the settings can be saved and applied.
+    """
+    try:
+        data = SETTINGS_SCHEMA(dict(settings or {}))
+    except vol.MultipleInvalid as exc:
+        return schema_errors(exc)
+    errors: dict[str, str] = {}
+    if data["broker"] == BROKER_EXTERNAL and not data["url"]:
+        errors["url"] = "a broker URL is required when the external broker is used"
+    if data["tls_ca_file"]:
+        problem = await asyncio.to_thread(_check_ca_file, data["tls_ca_file"])
+        if problem:
+            errors["tls_ca_file"] = problem
+    if data["password"] and not data["username"]:
+        errors["username"] = "a password is set but the username is empty"
+    return errors
+
+
+async def async_validated(settings: dict[str, Any] | None) -> dict[str, Any]:
+    """`settings` with defaults applied, or SettingsError listing every problem."""
+    errors = await async_validate(settings)
+    if errors:
+        raise SettingsError(errors)
+    return SETTINGS_SCHEMA(dict(settings or {}))

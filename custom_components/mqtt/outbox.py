@@ -1,0 +1,58 @@
+"""The durable outbox table seen from the publisher: read in id order, delete once acked.
+
+The table itself is the queue: a row exists until the broker has acknowledged
+it, so a restart or a broker outage resends exactly what is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+from sqlalchemy import delete, func, select
+
+from driver_core.storage.models import OutboxMessage
+
+_DELETE_CHUNK = 500  # stays under SQLite's bound-parameter limit
+
+
+class OutboxRow(NamedTuple):
+    id: int
+    serial: str
+    document: str
+
+
+class Outbox:
+    def __init__(self, db: Any) -> None:
+        self._db = db
+
+    async def oldest(self, limit: int) -> list[OutboxRow]:
+        """Up to `limit` waiting rows, lowest id first."""
+        query = (
+            select(OutboxMessage.id, OutboxMessage.serial, OutboxMessage.document)
+            .order_by(OutboxMessage.id)
+            .limit(limit)
+        )
+        async with self._db.session() as session:
+            result = await session.execute(query)
+            return [OutboxRow(*row) for row in result.all()]
+
+    async def count(self) -> int:
+        async with self._db.session() as session:
+            return int((await session.execute(select(func.count(OutboxMessage.id)))).scalar_one())
+
+    async def delete(self, ids: Iterable[int]) -> int:
+        """Remove delivered rows; returns how many were removed."""
+        ids = list(ids)
+        removed = 0
+        async with self._db.session() as session:
+            for start in range(0, len(ids), _DELETE_CHUNK):
+                chunk = ids[start : start + _DELETE_CHUNK]
+                result = await session.execute(
+                    delete(OutboxMessage)
+                    .where(OutboxMessage.id.in_(chunk))
+                    .execution_options(synchronize_session=False)
+                )
+                removed += result.rowcount or 0
+            await session.commit()
+        return removed

@@ -1,0 +1,218 @@
+"""Outbox -> broker: one ordered pipeline with a bounded window of in-flight publishes.
+
+Rows are handed to the MQTT client strictly in id order (the client sends them
+in that order on one connection), up to `window` wait for their acknowledgement
+at once, and acknowledged rows are deleted in batches. Nothing is deleted
+before the broker has it, so a lost connection only means "send again what is
+still in the table" (at-least-once, order kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .outbox import Outbox, OutboxRow
+from .topic import DEFAULT_UPLINK_TOPIC, TopicTemplate
+
+_LOGGER = logging.getLogger(__name__)
+
+PAGE = 500  # new rows read per query
+DELETE_BATCH = 200  # acked rows deleted per statement once that many are waiting
+DELETE_DELAY_S = 0.05  # ...or after this long
+IDLE_POLL_S = 5.0  # safety net: look at the table even without an uplink event
+DRAIN_S = 5.0  # on a clean stop, how long in-flight publishes may still complete
+DB_RETRY_S = 2.0
+
+
+async def _first(*waitables: asyncio.Event | asyncio.Future[Any], wait_s: float) -> None:
+    """Return when any event is set or future done, or after `wait_s` seconds."""
+    waiters = [asyncio.ensure_future(w.wait()) for w in waitables if isinstance(w, asyncio.Event)]
+    futures = [w for w in waitables if not isinstance(w, asyncio.Event)]
+    try:
+        await asyncio.wait([*waiters, *futures], timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+
+
+class OutboxPublisher:
+    """Publishes outbox rows; `topic` and `qos` may be swapped at any time (reload)."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        topic: TopicTemplate,
+        qos: int,
+        *,
+        window: int = 100,
+        on_change: Callable[[], None] = lambda: None,
+        on_error: Callable[[str | None], None] = lambda message: None,
+    ) -> None:
+        self.outbox = outbox
+        self.topic = topic
+        self.qos = qos
+        self.window = window
+        self.waiting = 0  # rows in the table: exact when known, else counted along
+        self.published = 0
+        self._on_change = on_change
+        self._on_error = on_error
+        self._wakeup = asyncio.Event()
+        self._inflight: set[int] = set()
+        self._acked: list[int] = []
+        self._acked_set: set[int] = set()
+        self._ack_event = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._deleter: asyncio.Task[None] | None = None
+        self._fallback_topic = TopicTemplate(DEFAULT_UPLINK_TOPIC)
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.waiting = await self.outbox.count()
+        self._deleter = asyncio.create_task(self._delete_loop(), name="mqtt-outbox-delete")
+
+    async def close(self) -> None:
+        if self._deleter is not None:
+            self._deleter.cancel()
+            await asyncio.gather(self._deleter, return_exceptions=True)
+            self._deleter = None
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    def notify(self) -> None:
+        """A new row was committed (uplink event): look at the table now."""
+        self.waiting += 1
+        self._wakeup.set()
+
+    # ---- publishing ------------------------------------------------------------
+
+    async def run(self, client: Any, stop: asyncio.Event) -> None:
+        """Publish until `stop` is set (then drain and return) or a publish fails (raise)."""
+        await self.flush()  # acked rows must be gone before the table is read again
+        loop = asyncio.get_running_loop()
+        failure: asyncio.Future[None] = loop.create_future()
+        window = asyncio.Semaphore(self.window)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                self._wakeup.clear()
+                rows = await self._read_page(stop, failure)
+                if rows is None:
+                    continue
+                if not rows:
+                    await _first(self._wakeup, stop, failure, wait_s=IDLE_POLL_S)
+                    if failure.done():
+                        failure.result()
+                    continue
+                for row in rows:
+                    await window.acquire()
+                    if failure.done():
+                        failure.result()
+                    if stop.is_set():
+                        window.release()
+                        break
+                    self._inflight.add(row.id)
+                    task = asyncio.create_task(
+                        self._publish(client, row, self._topic_for(row), window, failure)
+                    )
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            if tasks:  # clean stop: let what is on the wire be acknowledged
+                await asyncio.wait(tasks, timeout=DRAIN_S)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._inflight.clear()
+            if failure.done() and stop.is_set():
+                failure.exception()  # retrieved: a failure while stopping changes nothing
+            with contextlib.suppress(Exception):
+                await self.flush()
+
+    async def _read_page(
+        self, stop: asyncio.Event, failure: asyncio.Future[None]
+    ) -> list[OutboxRow] | None:
+        """The oldest rows not on the wire nor acked; None after a database error."""
+        skip = self._inflight | self._acked_set  # taken before reading: see flush()
+        limit = len(skip) + PAGE
+        try:
+            rows = await self.outbox.oldest(limit)
+        except Exception as exc:  # a database hiccup must not drop the MQTT connection
+            _LOGGER.warning("Cannot read the MQTT outbox: %s", exc)
+            self._on_error(f"cannot read the MQTT outbox: {exc}")
+            await _first(stop, failure, wait_s=DB_RETRY_S)
+            if failure.done():
+                failure.result()
+            return None
+        if len(rows) < limit:
+            self.waiting = len(rows)
+            self._on_change()
+        return [row for row in rows if row.id not in skip]
+
+    def _topic_for(self, row: OutboxRow) -> str:
+        try:
+            return self.topic.render(row.serial, row.document)
+        except (ValueError, KeyError, TypeError) as exc:
+            _LOGGER.error(
+                "Uplink topic template gives no valid topic for %s (%s); using %s",
+                row.serial, exc, DEFAULT_UPLINK_TOPIC,
+            )
+            return self._fallback_topic.render(row.serial)
+
+    async def _publish(
+        self,
+        client: Any,
+        row: OutboxRow,
+        topic: str,
+        window: asyncio.Semaphore,
+        failure: asyncio.Future[None],
+    ) -> None:
+        try:
+            await client.publish(topic, row.document.encode(), qos=self.qos)
+        except Exception as exc:
+            if not failure.done():
+                failure.set_exception(exc)
+            return
+        finally:
+            self._inflight.discard(row.id)
+            window.release()
+        self._acked.append(row.id)
+        self._acked_set.add(row.id)
+        self.published += 1
+        self._ack_event.set()
+
+    # ---- deleting what the broker has --------------------------------------------
+
+    async def _delete_loop(self) -> None:
+        while True:
+            await self._ack_event.wait()
+            if len(self._acked) < DELETE_BATCH:
+                await asyncio.sleep(DELETE_DELAY_S)  # let a batch gather
+            if not await self.flush():
+                await asyncio.sleep(DB_RETRY_S)
+
+    async def flush(self) -> bool:
+        """Delete every acked row now; False when the database refused."""
+        async with self._flush_lock:
+            self._ack_event.clear()
+            batch = self._acked[:]
+            if not batch:
+                return True
+            try:
+                removed = await self.outbox.delete(batch)
+            except Exception as exc:
+                _LOGGER.warning("Cannot delete delivered rows from the MQTT outbox: %s", exc)
+                self._on_error(f"cannot delete delivered rows from the MQTT outbox: {exc}")
+                self._ack_event.set()
+                return False
+            # Only now may these ids be read as "waiting" again (they no longer exist).
+            del self._acked[: len(batch)]
+            self._acked_set.difference_update(batch)
+            self.waiting = max(0, self.waiting - removed)
+            self._on_change()
+            return True
