@@ -333,4 +333,4 @@ def test_shipped_components_load_and_default_configuration_validates(tmp_path: P
     assert "mqtt" in schemas
     ensure_config_dir(tmp_path)
     config = load_configuration(tmp_path, schemas)
-    assert set(config.integrations) == {"mqtt"}
+    assert set(config.integrations) == {"mqtt", "callbacks"}

@@ -29,7 +29,8 @@ MQTT_SCHEMA = vol.Schema(
         vol.Optional("uplink_topic", default="application/COAP/device/{{serial}}/uplink"): str,
     }
 )
-SCHEMAS = {"mqtt": MQTT_SCHEMA}
+CALLBACKS_SCHEMA = vol.Schema(vol.All(lambda v: v or {}, {vol.Optional("timeout", default=5): int}))
+SCHEMAS = {"mqtt": MQTT_SCHEMA, "callbacks": CALLBACKS_SCHEMA}
 
 
 def write(directory: Path, text: str, name: str = "configuration.yaml") -> Path:
@@ -54,6 +55,7 @@ def expected_defaults(config_dir: Path, integrations: dict) -> CoreConfig:
         http={"host": "127.0.0.1", "port": 8080},
         retention={"uplinks_days": 30, "downlinks_days": 30},
         devices={"tx_interval": 60, "grace_minutes": 15},
+        downlinks={"ack_timeout": 300, "max_pending": 100},
         integrations=integrations,
     )
 
@@ -76,7 +78,7 @@ def test_first_run_creates_default_and_it_loads(tmp_path: Path) -> None:
     assert ensure_config_dir(config_dir) is False  # never overwritten
 
     config = load_configuration(config_dir, SCHEMAS)
-    assert config == expected_defaults(config_dir, {"mqtt": MQTT_DEFAULTS})
+    assert config == expected_defaults(config_dir, {"mqtt": MQTT_DEFAULTS, "callbacks": {"timeout": 5}})
     assert config.config_file == config_file
 
 
@@ -89,7 +91,7 @@ def test_existing_configuration_is_kept(tmp_path: Path) -> None:
 def test_shipped_example_matches_the_default(tmp_path: Path) -> None:
     shutil.copy(REPO / "config" / "configuration.yaml", tmp_path / "configuration.yaml")
     assert load_configuration(tmp_path, SCHEMAS) == expected_defaults(
-        tmp_path, {"mqtt": MQTT_DEFAULTS}
+        tmp_path, {"mqtt": MQTT_DEFAULTS, "callbacks": {"timeout": 5}}
     )
 
 
@@ -351,8 +353,8 @@ BAD_INPUT = [
     ),
     pytest.param(
         "coap:\n  port: 5683\nmqqt:\n  qos: 1\n",
-        "3: mqqt: unknown section (valid sections: coap, database, devices, http, logger, "
-        "mqtt, retention)",
+        "3: mqqt: unknown section (valid sections: callbacks, coap, database, devices, downlinks, "
+        "http, logger, mqtt, retention)",
         id="unknown-section",
     ),
     pytest.param("coap: 5683\n", "1: coap: expected a mapping (key: value lines)", id="not-map"),
@@ -419,8 +421,8 @@ BAD_INPUT = [
     ),
     pytest.param(
         "coap:\n  port: 1\nhttp:\n  port: 99999\ncoap2: 1\n",
-        "5: coap2: unknown section (valid sections: coap, database, devices, http, logger, "
-        "mqtt, retention)",
+        "5: coap2: unknown section (valid sections: callbacks, coap, database, devices, downlinks, "
+        "http, logger, mqtt, retention)",
         id="unknown-section-reported-first",
     ),
 ]
@@ -452,8 +454,8 @@ def test_required_integration_key_missing_points_at_section(tmp_path: Path) -> N
 def test_section_of_unknown_integration_lists_installed_ones(tmp_path: Path) -> None:
     cfg = write(tmp_path, "mqtt:\n")
     assert error_of(tmp_path, {}) == (
-        f"{cfg}:1: mqtt: unknown section (valid sections: coap, database, devices, http, "
-        "logger, retention)"
+        f"{cfg}:1: mqtt: unknown section (valid sections: coap, database, devices, downlinks, "
+        "http, logger, retention)"
     )
 
 

@@ -1,0 +1,105 @@
+"""Callbacks integration: every downlink state change POSTed to the client's callback URL.
+
+The core writes each state change as a `downlink_events` row (with the
+downlink's callback URL) in the same transaction as the change, then fires
+EVENT_DOWNLINK_STATE. This integration only wakes its worker on that event;
+the worker (`delivery.py`) reads owed callbacks from the table, so nothing
+here can slow the CoAP path, and a restart resumes what is still owed.
+
+Interface used by the driver core:
+    integration = await async_setup(driver, settings)
+    await integration.async_reload(settings)
+    await integration.async_unload()
+    integration.status -> {"pending", "delivered", "failed", "last_error"}
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from driver_core.events import EVENT_DOWNLINK_STATE
+
+from .config_flow import SETTINGS_SCHEMA, SettingsError, async_validate, async_validated
+from .delivery import CallbackDelivery
+from .sender import SIGNATURE_HEADER, TIMESTAMP_HEADER, callback_body, signature
+from .store import CallbackStore
+
+__all__ = [
+    "SETTINGS_SCHEMA",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "CallbacksIntegration",
+    "SettingsError",
+    "async_setup",
+    "async_validate",
+    "callback_body",
+    "signature",
+]
+
+DOMAIN = "callbacks"
+
+
+async def async_setup(driver: Any, settings: dict[str, Any] | None) -> CallbacksIntegration:
+    """Validate `settings` and start delivering owed callbacks. Raises SettingsError."""
+    integration = CallbacksIntegration(driver, await async_validated(settings))
+    integration.async_start()
+    return integration
+
+
+class CallbacksIntegration:
+    def __init__(self, driver: Any, settings: dict[str, Any]) -> None:
+        self._driver = driver
+        self._change = asyncio.Event()
+        self._delivery = CallbackDelivery(CallbackStore(driver.db), settings, self._changed)
+        self._unlisten: Callable[[], None] | None = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self._delivery.settings)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return {
+            "pending": self._delivery.pending,
+            "delivered": self._delivery.delivered,
+            "failed": self._delivery.failed,
+            "last_error": self._delivery.last_error,
+        }
+
+    def _changed(self) -> None:
+        change, self._change = self._change, asyncio.Event()
+        change.set()
+
+    async def async_wait_status(
+        self, predicate: Callable[[dict[str, Any]], bool], within: float = 10.0
+    ) -> dict[str, Any]:
+        """Wait until `predicate(status)` holds (for the web panel, the CLI and tests)."""
+        async with asyncio.timeout(within):
+            while not predicate(status := self.status):
+                await self._change.wait()
+        return status
+
+    def async_start(self) -> None:
+        self._delivery.start()
+        self._unlisten = self._driver.bus.listen(EVENT_DOWNLINK_STATE, self._on_state)
+
+    async def async_reload(self, settings: dict[str, Any] | None) -> None:
+        """Apply new settings from the next attempt on, without dropping anything owed.
+
+        Raises SettingsError and keeps the current settings when they cannot apply.
+        """
+        self._delivery.settings = await async_validated(settings)
+        self._changed()
+
+    async def async_unload(self) -> None:
+        """Stop; owed callbacks stay in the database for the next start."""
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
+        await self._delivery.close()
+
+    def _on_state(self, event: Any) -> None:
+        if getattr(event, "callback_url", None):
+            self._delivery.notify(getattr(event, "event_id", None))
