@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from .events import EVENT_DOWNLINK_STATE, EventBus
 from .family import ParameterError
 from .storage.models import Device, Downlink, DownlinkEvent
+from .tasks import cancel_and_wait
 from .timefmt import utcnow, zulu_millis
 
 if TYPE_CHECKING:
@@ -277,11 +278,8 @@ class DownlinkQueue:
         self._task = asyncio.create_task(self._sweep_forever(), name="downlink-sweeper")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     def fire(self, events: list[DownlinkStateEvent]) -> None:
         for event in events:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import timedelta
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete
 
 from .storage.models import UplinkRecord
+from .tasks import cancel_and_wait
 from .timefmt import utcnow
 
 if TYPE_CHECKING:
@@ -47,11 +47,8 @@ class Housekeeping:
         self._task = asyncio.create_task(self._run(), name="housekeeping")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         next_purge = time.monotonic()

@@ -9,7 +9,6 @@ seconds without a restart, on every driver instance sharing the database.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from types import ModuleType
@@ -18,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 import voluptuous as vol
 from sqlalchemy import func, select
 
+from .integration_base import SettingsError
 from .storage.models import IntegrationSettings
+from .tasks import cancel_and_wait
 from .timefmt import utcnow
 
 if TYPE_CHECKING:
@@ -26,14 +27,6 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 POLL_SECONDS = 2.0
-
-
-class SettingsError(Exception):
-    """Settings refused by an integration's schema; `errors` maps field -> message."""
-
-    def __init__(self, errors: dict[str, str]) -> None:
-        super().__init__("; ".join(f"{key}: {message}" for key, message in errors.items()))
-        self.errors = errors
 
 
 def voluptuous_errors(exc: vol.Invalid) -> dict[str, str]:
@@ -86,10 +79,7 @@ class IntegrationManager:
         self._task = asyncio.create_task(self._watch(), name="integration-settings-watch")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         for domain, handle in reversed(list(self.running.items())):
             try:
                 await handle.async_unload()

@@ -12,7 +12,6 @@ never forgets an accepted sequence number.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from sqlalchemy import delete, insert, update
 from .downlinks import DownlinkStateEvent, StateChange, apply_changes
 from .events import EVENT_DOWNLINK_STATE, EVENT_UPLINK, EventBus
 from .storage.models import Device, OutboxMessage, SecurityContext, UplinkRecord
+from .tasks import cancel_and_wait
 from .uplink import Uplink
 
 if TYPE_CHECKING:
@@ -61,11 +61,8 @@ class UplinkWriter:
         self._task = asyncio.create_task(self._run(), name="uplink-writer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for _, future in self._queue:
             if not future.done():
                 future.set_exception(StorageUnavailable("driver stopping"))

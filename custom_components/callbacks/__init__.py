@@ -15,18 +15,19 @@ Interface used by the driver core:
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
 from driver_core.events import EVENT_DOWNLINK_STATE
+from driver_core.integration_base import WatchableStatus
 
-from .config_flow import SETTINGS_SCHEMA, SettingsError, async_validate, async_validated
+from .config_flow import DOMAIN, SETTINGS_SCHEMA, SettingsError, async_validate, async_validated
 from .delivery import CallbackDelivery
 from .sender import SIGNATURE_HEADER, TIMESTAMP_HEADER, callback_body, signature
 from .store import CallbackStore
 
 __all__ = [
+    "DOMAIN",
     "SETTINGS_SCHEMA",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
@@ -38,9 +39,6 @@ __all__ = [
     "signature",
 ]
 
-DOMAIN = "callbacks"
-
-
 async def async_setup(driver: Any, settings: dict[str, Any] | None) -> CallbacksIntegration:
     """Validate `settings` and start delivering owed callbacks. Raises SettingsError."""
     integration = CallbacksIntegration(driver, await async_validated(settings))
@@ -48,10 +46,9 @@ async def async_setup(driver: Any, settings: dict[str, Any] | None) -> Callbacks
     return integration
 
 
-class CallbacksIntegration:
+class CallbacksIntegration(WatchableStatus):
     def __init__(self, driver: Any, settings: dict[str, Any]) -> None:
         self._driver = driver
-        self._change = asyncio.Event()
         self._delivery = CallbackDelivery(CallbackStore(driver.db), settings, self._changed)
         self._unlisten: Callable[[], None] | None = None
 
@@ -67,19 +64,6 @@ class CallbacksIntegration:
             "failed": self._delivery.failed,
             "last_error": self._delivery.last_error,
         }
-
-    def _changed(self) -> None:
-        change, self._change = self._change, asyncio.Event()
-        change.set()
-
-    async def async_wait_status(
-        self, predicate: Callable[[dict[str, Any]], bool], within: float = 10.0
-    ) -> dict[str, Any]:
-        """Wait until `predicate(status)` holds (for the web panel, the CLI and tests)."""
-        async with asyncio.timeout(within):
-            while not predicate(status := self.status):
-                await self._change.wait()
-        return status
 
     def async_start(self) -> None:
         self._delivery.start()

@@ -14,6 +14,8 @@ from typing import Any
 
 import voluptuous as vol
 
+from driver_core.integration_base import SettingsError, form_field
+
 JITTER_FULL = "full"
 JITTER_NONE = "none"
 
@@ -23,16 +25,8 @@ MAX_BACKOFF_S = 86400
 MAX_CONCURRENCY = 1000
 
 
-class SettingsError(Exception):
-    """Settings that cannot be applied; `errors` maps field -> message."""
-
-    def __init__(self, errors: dict[str, str]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"callbacks.{field}: {msg}" for field, msg in errors.items()))
-
-
-def _form(label: str, help_text: str, **extra: Any) -> dict[str, Any]:
-    return {"label": label, "help": help_text, **extra}
+DOMAIN = "callbacks"
+_form = form_field
 
 
 def _number(value: Any) -> float | None:
@@ -177,5 +171,5 @@ async def async_validated(settings: dict[str, Any] | None) -> dict[str, Any]:
     """`settings` with defaults applied, or SettingsError listing every problem."""
     errors = await async_validate(settings)
     if errors:
-        raise SettingsError(errors)
+        raise SettingsError(errors, DOMAIN)
     return SETTINGS_SCHEMA(dict(settings or {}))

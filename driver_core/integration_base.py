@@ -1,0 +1,47 @@
+"""What every integration component shares: settings errors, form metadata, a status to await."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+
+class SettingsError(Exception):
+    """Settings that cannot be applied; `errors` maps field -> message (shown next to the field)."""
+
+    def __init__(self, errors: dict[str, str], domain: str | None = None) -> None:
+        self.errors = errors
+        prefix = f"{domain}." if domain else ""
+        super().__init__("; ".join(f"{prefix}{field}: {msg}" for field, msg in errors.items()))
+
+
+def form_field(label: str, help_text: str, **extra: Any) -> dict[str, Any]:
+    """Form metadata carried as a voluptuous marker `description` (label, help, options...)."""
+    return {"label": label, "help": help_text, **extra}
+
+
+class WatchableStatus:
+    """Mixin: `status` changes are announced with `_changed()` and can be awaited."""
+
+    _change: asyncio.Event | None = None
+
+    @property
+    def status(self) -> dict[str, Any]:  # pragma: no cover - defined by each integration
+        raise NotImplementedError
+
+    def _changed(self) -> None:
+        change, self._change = self._change, asyncio.Event()
+        if change is not None:
+            change.set()
+
+    async def async_wait_status(
+        self, predicate: Callable[[dict[str, Any]], bool], within: float = 10.0
+    ) -> dict[str, Any]:
+        """Wait until `predicate(status)` holds (for the web panel, the CLI and tests)."""
+        async with asyncio.timeout(within):
+            while not predicate(status := self.status):
+                if self._change is None:
+                    self._change = asyncio.Event()
+                await self._change.wait()
+        return status
