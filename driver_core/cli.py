@@ -37,6 +37,7 @@ from .integrations import SettingsError
 from .simulator import Simulator, demo_devices
 from .storage.db import DatabaseError
 from .storage.secretbox import SecretBoxError
+from .tokens import TokenError, create_token, list_tokens, revoke_token
 
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
@@ -47,6 +48,7 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     EnrollmentError,
     SettingsError,
     StartupError,
+    TokenError,
 )
 DEMO_CSV = "demo-devices.csv"
 DEMO_HW_TYPES = [17, 24, 28]  # one device of each family
@@ -152,6 +154,34 @@ async def cmd_device_remove(args: argparse.Namespace) -> int:
         print(f"no device with serial {args.serial}", file=sys.stderr)
         return 1
     print(f"removed {args.serial}")
+    return 0
+
+
+async def cmd_token_create(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (_driver, db, _box):
+        token = await create_token(db, args.name)
+    print(f"token {args.name!r} created; it is shown only this once:")
+    print(token)
+    return 0
+
+
+async def cmd_token_list(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (_driver, db, _box):
+        tokens = await list_tokens(db)
+    print(f"{'name':<32} {'created':<26} last used")
+    for token in tokens:
+        used = token.last_used_at.isoformat() if token.last_used_at else "never"
+        print(f"{token.name:<32} {token.created_at.isoformat():<26} {used}")
+    return 0
+
+
+async def cmd_token_revoke(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (_driver, db, _box):
+        revoked = await revoke_token(db, args.name)
+    if not revoked:
+        print(f"no token named {args.name!r}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.name}")
     return 0
 
 
@@ -296,6 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     rem = device_commands.add_parser("remove", help="delete a device")
     rem.add_argument("serial")
     rem.set_defaults(func=cmd_device_remove)
+
+    token = commands.add_parser("token", help="REST API bearer tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="create a token (printed once)")
+    create.add_argument("name")
+    create.set_defaults(func=cmd_token_create)
+    token_commands.add_parser("list", help="list tokens").set_defaults(func=cmd_token_list)
+    revoke = token_commands.add_parser("revoke", help="revoke a token")
+    revoke.add_argument("name")
+    revoke.set_defaults(func=cmd_token_revoke)
 
     integ = commands.add_parser("integration", help="show or change an integration's settings")
     integ_commands = integ.add_subparsers(dest="integration_command", required=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import aiocoap
 
+from .api.server import ApiServer
 from .coap_server import CoapCore, start_coap_server
 from .components import builtin_components_dir, discover_components, import_integration
 from .config import CoreConfig, ensure_config_dir, load_configuration
@@ -68,6 +69,7 @@ class Driver:
         self.coap_context: aiocoap.Context | None = None
         self.integrations: IntegrationManager | None = None
         self.housekeeping: Housekeeping | None = None
+        self.api: ApiServer | None = None
         self._datagram_filter: UnparsableDatagramCounter | None = None
 
     @property
@@ -125,6 +127,15 @@ class Driver:
         await self.integrations.start()
         self.housekeeping = Housekeeping(self)
         self.housekeeping.start()
+        self.api = ApiServer(self)
+        try:
+            await self.api.start(config.http["host"], config.http["port"])
+        except OSError as exc:
+            await self.stop()
+            raise StartupError(
+                f"http.port: cannot listen on TCP {config.http['host']} port {config.http['port']}: "
+                f"{exc.strerror or exc}"
+            ) from None
         self._datagram_filter = UnparsableDatagramCounter(self.refusals)
         logging.getLogger("driver_core.coap").addFilter(self._datagram_filter)
         try:
@@ -144,6 +155,9 @@ class Driver:
         if self.coap_context is not None:
             await self.coap_context.shutdown()
             self.coap_context = None
+        if self.api is not None:
+            await self.api.stop()
+            self.api = None
         if self.housekeeping is not None:
             await self.housekeeping.stop()
         if self._datagram_filter is not None:

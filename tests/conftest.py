@@ -14,17 +14,20 @@ from driver_core.enrollment import DeviceInput, add_device
 from driver_core.events import EVENT_UPLINK
 from driver_core.uplink import Uplink
 
-pytest_plugins = ["tests.storage_fixtures"]
+pytest_plugins = ["tests.storage_fixtures", "tests.api_fixtures"]
 
 FAST = CoapTiming(ack_timeout=0.5, max_retransmit=2)
 
 
-def write_config(config_dir: Path, database_url: str | None = None, extra: str = "") -> None:
+def write_config(
+    config_dir: Path, database_url: str | None = None, extra: str = "", coap_port: int = 0
+) -> None:
     """A configuration for tests: CoAP on a free loopback port, no MQTT unless `extra` adds it."""
     config_dir.mkdir(parents=True, exist_ok=True)
     database = f"database:\n  url: {database_url}\n" if database_url else ""
     (config_dir / "configuration.yaml").write_text(
-        f"coap:\n  host: 127.0.0.1\n  port: 0\n{database}{extra}", encoding="utf-8"
+        f"coap:\n  host: 127.0.0.1\n  port: {coap_port}\nhttp:\n  host: 127.0.0.1\n  port: 0\n{database}{extra}",
+        encoding="utf-8",
     )
 
 

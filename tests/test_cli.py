@@ -82,3 +82,20 @@ def test_integration_set_validates_and_saves(tmp_path: Path):
     assert good.returncode == 0, good.stderr
     shown = run_cli("--config", str(config), "integration", "show", "mqtt", cwd=tmp_path)
     assert '"uplink_topic": "sites/{{serial}}/up"' in shown.stdout
+
+
+def test_token_create_list_revoke(tmp_path: Path):
+    config = tmp_path / "config"
+    created = run_cli("--config", str(config), "token", "create", "erp", cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    lines = created.stdout.splitlines()
+    assert lines[0] == "token 'erp' created; it is shown only this once:"
+    assert lines[1].startswith("cdt_") and len(lines[1]) > 40
+    duplicate = run_cli("--config", str(config), "token", "create", "erp", cwd=tmp_path)
+    assert duplicate.returncode == 2 and "Traceback" not in duplicate.stderr
+    listed = run_cli("--config", str(config), "token", "list", cwd=tmp_path)
+    assert [row.split()[0] for row in listed.stdout.splitlines()] == ["name", "erp"]
+    assert lines[1] not in listed.stdout  # only the hash is stored
+    assert run_cli("--config", str(config), "token", "revoke", "erp", cwd=tmp_path).returncode == 0
+    missing = run_cli("--config", str(config), "token", "revoke", "erp", cwd=tmp_path)
+    assert (missing.returncode, missing.stderr) == (1, "no token named 'erp'\n")

@@ -120,9 +120,7 @@ async def test_replayed_request_is_refused_also_after_restart(tmp_path: Path):
     await driver.stop()
 
     # Same configuration directory, new process state: the replay window was persisted.
-    (config_dir / "configuration.yaml").write_text(
-        f"coap:\n  host: 127.0.0.1\n  port: {port}\n", encoding="utf-8"
-    )
+    write_config(config_dir, coap_port=port)
     driver = Driver(config_dir)
     await driver.start()
     try:

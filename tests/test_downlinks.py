@@ -183,8 +183,7 @@ async def test_restart_between_schedule_and_delivery_and_no_double_delivery(tmp_
     port = driver.coap_port
     await driver.stop()
 
-    write_config(config_dir, extra="")
-    (config_dir / "configuration.yaml").write_text(f"coap:\n  host: 127.0.0.1\n  port: {port}\n")
+    write_config(config_dir, coap_port=port)
     driver = await start()
     try:
         first = await session.post("rx", RX)

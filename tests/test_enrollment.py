@@ -25,8 +25,6 @@ from driver_core.storage.db import Database
 from driver_core.storage.models import Device, SecurityContext, UplinkRecord
 from driver_core.storage.secretbox import SecretBox
 
-pytest_plugins = ["tests.storage_fixtures"]
-
 HW = (14, 16, 17, 18, 23, 24, 28, 29, 31)
 SECRET = bytes(range(16))
 SALT = bytes(range(100, 108))
