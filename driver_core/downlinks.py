@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from .events import EVENT_DOWNLINK_STATE, EventBus
 from .family import ParameterError
@@ -171,12 +172,12 @@ class ConcurrentChange(Exception):
     """A row was not in the expected state any more (changed by another instance)."""
 
 
-async def apply_changes(session, changes: list[StateChange]) -> list[DownlinkStateEvent]:
+def apply_changes(session: Session, changes: list[StateChange]) -> list[DownlinkStateEvent]:
     """Write `changes` and their events in the caller's transaction; return the events to fire."""
     events: list[DownlinkStateEvent] = []
     for change in changes:
         values = change.values()
-        result = await session.execute(
+        result = session.execute(
             update(Downlink)
             .where(Downlink.id == change.row.id, Downlink.state == change.expected)
             .values(**values)
@@ -186,7 +187,7 @@ async def apply_changes(session, changes: list[StateChange]) -> list[DownlinkSta
         for key, value in values.items():
             setattr(change.row, key, value)
         event_id = (
-            await session.execute(
+            session.execute(
                 insert(DownlinkEvent)
                 .values(
                     downlink_id=change.row.id,
@@ -411,12 +412,9 @@ class DownlinkQueue:
         if found is None:
             raise DownlinkError(404, "not_found", f"no downlink with command_id {command_id!r}")
         row, serial = found
-        async with (
-            self.locks.hold(row.device_id),
-            self._db.session() as session,
-            session.begin(),
-        ):
-            current = await session.get(Downlink, row.id)
+
+        def cancel_pending(session: Session) -> list[DownlinkStateEvent]:
+            current = session.get(Downlink, row.id)
             if current is None or current.state != PENDING:
                 state = current.state if current is not None else row.state
                 raise DownlinkError(
@@ -424,9 +422,10 @@ class DownlinkQueue:
                     f"only pending downlinks can be canceled; this one is in state {state} "
                     f"({STATE_NAMES[state]})",
                 )
-            events = await apply_changes(
-                session, [StateChange(current, serial, PENDING, CANCELED, utcnow())]
-            )
+            return apply_changes(session, [StateChange(current, serial, PENDING, CANCELED, utcnow())])
+
+        async with self.locks.hold(row.device_id):
+            events = await self._db.run_write(cancel_pending)
         self.fire(events)
         return events[0].downlink
 
@@ -516,12 +515,12 @@ class DownlinkQueue:
             ).all()
         expired = 0
         for row, serial in rows:
+            change = StateChange(row, serial, SENT, UNACKNOWLEDGED, utcnow())
             async with self.locks.hold(row.device_id):
                 try:
-                    async with self._db.session() as session, session.begin():
-                        events = await apply_changes(
-                            session, [StateChange(row, serial, SENT, UNACKNOWLEDGED, utcnow())]
-                        )
+                    events = await self._db.run_write(
+                        lambda session, change=change: apply_changes(session, [change])
+                    )
                 except ConcurrentChange:
                     continue  # acknowledged meanwhile
             self.fire(events)

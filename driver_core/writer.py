@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, insert, update
+from sqlalchemy.orm import Session
 
 from .downlinks import DownlinkStateEvent, StateChange, apply_changes
 from .events import EVENT_DOWNLINK_STATE, EVENT_UPLINK, EventBus
@@ -116,87 +117,88 @@ class UplinkWriter:
                 future.set_result(None)
 
     async def _write(self, jobs: list[WriteJob]) -> None:
-        uplink_jobs = [job for job in jobs if job.uplink is not None]
-        async with self._db.session() as session, session.begin():
-            for job in jobs:
-                if job.joined:
-                    await self._store_new_context(session, job)
-            if uplink_jobs:
-                await session.execute(
-                    insert(UplinkRecord),
-                    [
-                        {
-                            "device_id": job.state.device_id,
-                            "received_at": job.uplink.rx_date,
-                            "message_type": job.uplink.message_type,
-                            "payload": job.payload,
-                            "data": job.uplink.data,
-                        }
-                        for job in uplink_jobs
-                    ],
-                )
-                result = await session.execute(
-                    insert(OutboxMessage).returning(
-                        OutboxMessage.id, sort_by_parameter_order=True
-                    ),
-                    [
-                        {
-                            "serial": job.uplink.serial,
-                            "document": json.dumps(
-                                job.uplink.document(), separators=(",", ":"), ensure_ascii=False
-                            ),
-                            "created_at": job.uplink.rx_date,
-                        }
-                        for job in uplink_jobs
-                    ],
-                )
-                for job, outbox_id in zip(uplink_jobs, result.scalars(), strict=True):
-                    job.uplink.outbox_id = outbox_id
-                await session.execute(
-                    update(Device),
-                    [
-                        {
-                            "id": job.state.device_id,
-                            "last_seen": job.uplink.rx_date,
-                            "join_date": job.state.join_date,
-                            "firmware": job.state.firmware,
-                            "uplinks_since_join": job.state.uplinks_since_join,
-                        }
-                        for job in uplink_jobs
-                    ],
-                )
-            for job in jobs:
-                if job.downlink_changes:
-                    job.downlink_events = await apply_changes(session, job.downlink_changes)
-            windows = [job for job in jobs if not job.joined]
-            if windows:
-                await session.execute(
-                    update(SecurityContext),
-                    [
-                        {
-                            "device_id": job.state.device_id,
-                            "replay_index": job.context.replay_state()[0],
-                            "replay_bitfield": job.context.replay_state()[1],
-                            "sender_seq_reserved": job.context.seq_reserved,
-                        }
-                        for job in windows
-                    ],
-                )
+        await self._db.run_write(lambda session: write_batch(session, jobs))
 
-    @staticmethod
-    async def _store_new_context(session, job: WriteJob) -> None:
-        index, bitfield = job.context.replay_state()
-        await session.execute(
-            delete(SecurityContext).where(SecurityContext.device_id == job.state.device_id)
+
+def write_batch(session: Session, jobs: list[WriteJob]) -> None:
+    """One transaction for a batch: contexts, uplinks, outbox rows, devices, downlinks, windows."""
+    for job in jobs:
+        if job.joined:
+            _store_new_context(session, job)
+    uplink_jobs = [job for job in jobs if job.uplink is not None]
+    if uplink_jobs:
+        session.execute(
+            insert(UplinkRecord),
+            [
+                {
+                    "device_id": job.state.device_id,
+                    "received_at": job.uplink.rx_date,
+                    "message_type": job.uplink.message_type,
+                    "payload": job.payload,
+                    "data": job.uplink.data,
+                }
+                for job in uplink_jobs
+            ],
         )
-        await session.execute(
-            insert(SecurityContext).values(
-                device_id=job.state.device_id,
-                id_context=job.context.id_context,
-                r2_issued_ms=job.context.r2_ms,
-                sender_seq_reserved=job.context.seq_reserved,
-                replay_index=index,
-                replay_bitfield=bitfield,
-                established_at=job.uplink.rx_date if job.uplink else job.state.join_date,
-            )
+        result = session.execute(
+            insert(OutboxMessage).returning(OutboxMessage.id, sort_by_parameter_order=True),
+            [
+                {
+                    "serial": job.uplink.serial,
+                    "document": json.dumps(
+                        job.uplink.document(), separators=(",", ":"), ensure_ascii=False
+                    ),
+                    "created_at": job.uplink.rx_date,
+                }
+                for job in uplink_jobs
+            ],
         )
+        for job, outbox_id in zip(uplink_jobs, result.scalars(), strict=True):
+            job.uplink.outbox_id = outbox_id
+        session.execute(
+            update(Device),
+            [
+                {
+                    "id": job.state.device_id,
+                    "last_seen": job.uplink.rx_date,
+                    "join_date": job.state.join_date,
+                    "firmware": job.state.firmware,
+                    "uplinks_since_join": job.state.uplinks_since_join,
+                }
+                for job in uplink_jobs
+            ],
+        )
+    for job in jobs:
+        if job.downlink_changes:
+            job.downlink_events = apply_changes(session, job.downlink_changes)
+    windows = [job for job in jobs if not job.joined]
+    if windows:
+        session.execute(
+            update(SecurityContext),
+            [
+                {
+                    "device_id": job.state.device_id,
+                    "replay_index": job.context.replay_state()[0],
+                    "replay_bitfield": job.context.replay_state()[1],
+                    "sender_seq_reserved": job.context.seq_reserved,
+                }
+                for job in windows
+            ],
+        )
+
+
+def _store_new_context(session: Session, job: WriteJob) -> None:
+    """The device's only context from now on (RFC 8613 B.2 step 4): replace the old one."""
+    index, bitfield = job.context.replay_state()
+    session.execute(delete(SecurityContext).where(SecurityContext.device_id == job.state.device_id))
+    session.execute(
+        insert(SecurityContext).values(
+            device_id=job.state.device_id,
+            id_context=job.context.id_context,
+            r2_issued_ms=job.context.r2_ms,
+            sender_seq_reserved=job.context.seq_reserved,
+            replay_index=index,
+            replay_bitfield=bitfield,
+            established_at=job.uplink.rx_date if job.uplink else job.state.join_date,
+        )
+    )

@@ -7,17 +7,20 @@ upgraded driver can open an older database file.
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
-from sqlalchemy import event
-from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -25,6 +28,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import Session
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -36,6 +40,7 @@ _ASYNC_DRIVERS = {
 }
 _SUPPORTED = {"sqlite+aiosqlite", "postgresql+asyncpg"}
 _PG_CONNECT_TIMEOUT_S = 10
+T = TypeVar("T")
 
 
 class DatabaseError(Exception):
@@ -158,6 +163,9 @@ class Database:
         self.url = url
         self._engine: AsyncEngine | None = None
         self._sessions: async_sessionmaker[AsyncSession] | None = None
+        # SQLite only: a synchronous engine used from one writer thread (see run_write).
+        self._sync_engine: Engine | None = None
+        self._writer_thread: ThreadPoolExecutor | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -204,12 +212,42 @@ class Database:
             raise
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        if engine.dialect.name == "sqlite":
+            self._sync_engine = create_engine(url.set(drivername="sqlite"))
+            event.listen(self._sync_engine, "connect", _sqlite_pragmas)
+            self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
 
     async def stop(self) -> None:
+        if self._writer_thread is not None:
+            self._writer_thread.shutdown(wait=True)
+            self._writer_thread = None
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
+            self._sync_engine = None
         if self._engine is not None:
             await self._engine.dispose()
         self._engine = None
         self._sessions = None
+
+    async def run_write(self, work: Callable[[Session], T]) -> T:
+        """Run `work(session)` in one transaction on a synchronous Session; commit; return its result.
+
+        This is the hot path's way to write. With SQLite every statement of the
+        async driver is a hop to aiosqlite's thread; here the whole transaction
+        runs in one dedicated thread, so a batch costs one hop. PostgreSQL's
+        driver is natively async: the work runs in the loop through run_sync.
+        """
+        if self._sync_engine is not None and self._writer_thread is not None:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._writer_thread, self._run_sync, work
+            )
+        async with self.session() as session, session.begin():
+            return await session.run_sync(work)
+
+    def _run_sync(self, work: Callable[[Session], T]) -> T:
+        assert self._sync_engine is not None
+        with Session(self._sync_engine, expire_on_commit=False) as session, session.begin():
+            return work(session)
 
     def session(self) -> AsyncSession:
         """A new session; use as ``async with db.session() as s:``."""
