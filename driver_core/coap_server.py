@@ -18,6 +18,7 @@ from aiocoap import error, oscore, resource
 from aiocoap.numbers.codes import Code
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress
+from aiocoap.util.linkformat import LinkFormat
 
 from . import refusals as why
 from .family import PayloadDecodeError
@@ -46,7 +47,7 @@ class DeviceSite(OscoreSiteWrapper):
     """aiocoap's OSCORE wrapper, with the device fetched from the database before lookup
     and every refusal counted."""
 
-    def __init__(self, inner_site: resource.Site, credentials: DeviceCredentials, refusals: Refusals):
+    def __init__(self, inner_site: ResourceTable, credentials: DeviceCredentials, refusals: Refusals):
         super().__init__(inner_site, credentials)
         self._credentials = credentials
         self._refusals = refusals
@@ -79,27 +80,33 @@ class DeviceSite(OscoreSiteWrapper):
             raise
 
 
-class CountingSite(resource.Site):
-    """The resource tree; requests for unknown resources are counted before the 4.04."""
+class ResourceTable:
+    """The inner site: a dict from path to resource, refusals counted before the 4.04.
 
-    def __init__(self, refusals: Refusals) -> None:
-        super().__init__()
+    aiocoap's Site copies the request's options for every lookup; the four
+    device resources need a dictionary lookup only.
+    """
+
+    def __init__(self, refusals: Refusals, resources: dict[tuple[str, ...], resource.Resource]):
         self._refusals = refusals
+        self._resources = resources
 
-    async def render_to_pipe(self, pipe):
-        try:
-            await super().render_to_pipe(pipe)
-        except error.NotFound:
-            remote = pipe.request.remote
-            context = getattr(remote, "security_context", None)
-            device = getattr(context, "device", None)
+    def get_resources_as_linkheader(self):  # .well-known/core is not offered to devices
+        return LinkFormat([])
+
+    async def render_to_pipe(self, pipe) -> None:
+        request = pipe.request
+        target = self._resources.get(tuple(request.opt.uri_path))
+        if target is None:
+            device = getattr(getattr(request.remote, "security_context", None), "device", None)
             self._refusals.record(
                 why.UNKNOWN_RESOURCE,
                 kid=getattr(device, "kid", None),
                 serial=getattr(device, "serial", None),
-                detail="/" + "/".join(pipe.request.opt.uri_path),
+                detail="/" + "/".join(request.opt.uri_path),
             )
-            raise
+            raise error.NotFound()
+        await target.render_to_pipe(pipe)
 
 
 class DeviceResource(resource.Resource):
@@ -341,11 +348,15 @@ class CoapCore:
         self.downlinks = downlinks
 
     def site(self) -> DeviceSite:
-        inner = CountingSite(self.refusals)
-        inner.add_resource(["join"], JoinResource(self))
-        inner.add_resource(["rx"], RxResource(self))
-        inner.add_resource(["ack"], AckResource(self))
-        inner.add_resource(["fota"], FotaResource(self))
+        inner = ResourceTable(
+            self.refusals,
+            {
+                ("join",): JoinResource(self),
+                ("rx",): RxResource(self),
+                ("ack",): AckResource(self),
+                ("fota",): FotaResource(self),
+            },
+        )
         return DeviceSite(inner, self.credentials, self.refusals)
 
 
