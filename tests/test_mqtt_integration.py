@@ -436,6 +436,8 @@ def test_defaults() -> None:
         "status_topic": "coap-driver/status",
         "builtin_host": "127.0.0.1",
         "builtin_port": 1883,
+        "downlink_status_topic": "application/COAP/device/{{serial}}/downlink/status",
+        "downlink_command_topic": "application/COAP/device/{{serial}}/downlink",
     }
 
 

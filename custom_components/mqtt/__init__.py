@@ -1,14 +1,20 @@
-"""MQTT integration: publishes every uplink document on the uplink topic.
+"""MQTT integration: uplinks out, downlink states out, downlink commands in.
 
-The core commits each document to the outbox table before announcing the
-uplink; this integration only moves rows from that table to the broker, so a
-broker outage, a restart or a settings change never loses a message.
+The core commits each uplink document to the outbox table and each downlink
+state change to the downlink_events table before announcing them; this
+integration only moves rows from those tables to the broker (uplink topic,
+downlink status topic), so a broker outage, a restart or a settings change
+never loses a message. It also subscribes to the command topic and hands each
+command to the downlink queue; a refused one is reported on the status topic.
 
 Interface used by the driver core:
     integration = await async_setup(driver, settings)
     await integration.async_reload(settings)
     await integration.async_unload()
     integration.status -> {"connected", "broker", "outbox", "published", "last_error"}
+    integration.downlink_status -> {"subscribed", "subscription_error", "status_waiting",
+        "status_published", "commands_accepted", "commands_rejected", "commands_ignored",
+        "reports_published"}
 """
 
 from __future__ import annotations
@@ -23,8 +29,11 @@ from typing import Any
 import aiomqtt
 
 from driver_core.broker import BrokerError, BuiltinBroker
-from driver_core.events import EVENT_UPLINK
+from driver_core.events import EVENT_DOWNLINK_STATE, EVENT_UPLINK
+from driver_core.integration_base import WatchableStatus
+from driver_core.timefmt import utcnow
 
+from .commands import CommandReceiver, Refusal
 from .config_flow import (
     BROKER_BUILTIN,
     SETTINGS_SCHEMA,
@@ -43,7 +52,9 @@ from .connection import (
 )
 from .outbox import Outbox
 from .publisher import OutboxPublisher
-from .topic import TopicTemplate
+from .status import BATCH as STATUS_BATCH
+from .status import StatusPublisher, StatusStore, error_payload
+from .topic import CommandTopic, TopicTemplate
 
 __all__ = [
     "SETTINGS_SCHEMA",
@@ -62,6 +73,9 @@ BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 10.0
 STOP_TIMEOUT_S = 8.0
 STATUS_PUBLISH_TIMEOUT_S = 2.0
+SUBSCRIBE_TIMEOUT_S = 10.0
+REPORT_WINDOW = 20  # refusal reports awaiting their acknowledgement at once
+INFLIGHT = WINDOW + STATUS_BATCH + REPORT_WINDOW  # so status traffic never queues uplinks
 
 
 async def async_setup(driver: Any, settings: dict[str, Any] | None) -> MqttIntegration:
@@ -74,7 +88,7 @@ async def async_setup(driver: Any, settings: dict[str, Any] | None) -> MqttInteg
     return integration
 
 
-class MqttIntegration:
+class MqttIntegration(WatchableStatus):
     def __init__(self, driver: Any, settings: dict[str, Any]) -> None:
         self._driver = driver
         self._settings = settings
@@ -88,13 +102,37 @@ class MqttIntegration:
             on_change=self._changed,
             on_error=self._report_error,
         )
+        self._status_store = StatusStore(driver.db)
+        self._status = StatusPublisher(
+            self._status_store,
+            TopicTemplate(settings["downlink_status_topic"]),
+            settings["qos"],
+            on_change=self._changed,
+            on_error=self._report_error,
+        )
+        # A core without a downlink queue (tests of the uplink path) gets no subscription.
+        queue = getattr(driver, "downlinks", None)
+        self._receiver: CommandReceiver | None = None
+        if queue is not None:
+            self._receiver = CommandReceiver(
+                queue,
+                CommandTopic(settings["downlink_command_topic"]),
+                lambda: (self._status.topic, self._publisher.topic),
+                on_change=self._changed,
+            )
         self._runner: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        self._unlisten: Callable[[], None] | None = None
+        self._unlisteners: list[Callable[[], None]] = []
         self._connected = False
         self._last_error: str | None = None
-        self._change = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._client: aiomqtt.Client | None = None
+        self._subscribed: tuple[str, int] | None = None
+        self._subscription_error: str | None = None
+        self._subscription_lock = asyncio.Lock()
+        self._reports: set[asyncio.Task[None]] = set()
+        self._report_slots = asyncio.Semaphore(REPORT_WINDOW)
+        self.reports_published = 0
 
     # ---- status ------------------------------------------------------------------
 
@@ -112,20 +150,33 @@ class MqttIntegration:
             "last_error": self._last_error,
         }
 
-    def _changed(self) -> None:
-        change, self._change = self._change, asyncio.Event()
-        change.set()
+    @property
+    def downlink_status(self) -> dict[str, Any]:
+        """The downlink side: command subscription, status messages, commands received."""
+        receiver = self._receiver
+        return {
+            "subscribed": self._subscribed[0] if self._subscribed else None,
+            "subscription_error": self._subscription_error,
+            "status_waiting": self._status.waiting,
+            "status_published": self._status.published,
+            "commands_accepted": receiver.accepted if receiver else 0,
+            "commands_rejected": receiver.rejected if receiver else 0,
+            "commands_ignored": receiver.ignored if receiver else 0,
+            "reports_published": self.reports_published,
+        }
 
     def _report_error(self, message: str | None) -> None:
         self._last_error = message
         self._changed()
 
-    async def async_wait_status(
+    async def async_wait_downlink_status(
         self, predicate: Callable[[dict[str, Any]], bool], within: float = 10.0
     ) -> dict[str, Any]:
-        """Wait until `predicate(status)` holds (for the web panel, the CLI and tests)."""
+        """Wait until `predicate(downlink_status)` holds (web panel, CLI, tests)."""
         async with asyncio.timeout(within):
-            while not predicate(status := self.status):
+            while not predicate(status := self.downlink_status):
+                if self._change is None:
+                    self._change = asyncio.Event()
                 await self._change.wait()
         return status
 
@@ -136,18 +187,22 @@ class MqttIntegration:
             self._broker = await self._start_builtin(self._settings)
         try:
             await self._publisher.start()
+            await self._status.start()
         except BaseException:
             if self._broker is not None:
                 await self._broker.stop()
                 self._broker = None
             raise
-        self._unlisten = self._driver.bus.listen(EVENT_UPLINK, self._on_uplink)
+        self._unlisteners = [
+            self._driver.bus.listen(EVENT_UPLINK, self._on_uplink),
+            self._driver.bus.listen(EVENT_DOWNLINK_STATE, self._on_downlink_state),
+        ]
         self._start_runner()
 
     async def async_unload(self) -> None:
-        if self._unlisten is not None:
-            self._unlisten()
-            self._unlisten = None
+        for unlisten in self._unlisteners:
+            unlisten()
+        self._unlisteners = []
         await self._stop_runner()
         await self._publisher.close()
         if self._broker is not None:
@@ -163,16 +218,20 @@ class MqttIntegration:
         async with self._reload_lock:
             old = self._settings
             topic = TopicTemplate(new["uplink_topic"])
+            status_topic = TopicTemplate(new["downlink_status_topic"])
+            command_topic = CommandTopic(new["downlink_command_topic"])
             if connection_key(new) == connection_key(old):
                 self._settings = new
-                self._publisher.topic = topic
-                self._publisher.qos = new["qos"]
-                self._changed()
-                return
-            await self._switch(old, new)
+            else:
+                await self._switch(old, new)
             self._publisher.topic = topic
             self._publisher.qos = new["qos"]
+            self._status.topic = status_topic
+            self._status.qos = new["qos"]
+            if self._receiver is not None:
+                self._receiver.topic = command_topic
             self._changed()
+        await self._sync_subscription()  # a new command topic or QoS applies on the live connection
 
     async def _switch(self, old: dict[str, Any], new: dict[str, Any]) -> None:
         """Reconnect with `new`, starting or stopping the built-in broker as needed."""
@@ -221,6 +280,10 @@ class MqttIntegration:
         self._publisher.notify()
         self._changed()
 
+    def _on_downlink_state(self, event: Any) -> None:
+        self._status.notify()
+        self._changed()
+
     def _start_runner(self) -> None:
         self._stop = asyncio.Event()
         self._runner = asyncio.create_task(
@@ -249,7 +312,7 @@ class MqttIntegration:
         backoff = BACKOFF_MIN_S
         while not stop.is_set():
             try:
-                async with make_client(settings, self._client_id, WINDOW) as client:
+                async with make_client(settings, self._client_id, INFLIGHT) as client:
                     self._connected = True
                     self._last_error = None
                     self._changed()
@@ -273,18 +336,32 @@ class MqttIntegration:
                 await asyncio.wait_for(stop.wait(), backoff * (1 + random.random() / 5))
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    async def _session(self, client: aiomqtt.Client, settings: dict[str, Any], stop: asyncio.Event) -> None:
-        """One connection: announce online, publish the outbox, announce offline on a clean stop."""
+    async def _session(
+        self, client: aiomqtt.Client, settings: dict[str, Any], stop: asyncio.Event
+    ) -> None:
+        """One connection: announce online, subscribe to commands, publish both tables,
+        announce offline on a clean stop."""
         status_topic = settings["status_topic"]
         await client.publish(status_topic, ONLINE, qos=1, retain=True)
-        publishing = asyncio.create_task(self._publisher.run(client, stop))
-        watching = asyncio.create_task(_until_disconnected(client))
+        self._client = client
         try:
-            await asyncio.wait({publishing, watching}, return_when=asyncio.FIRST_COMPLETED)
+            await self._sync_subscription(on_connect=True)
+            publishing = asyncio.create_task(self._publisher.run(client, stop))
+            statuses = asyncio.create_task(self._status.run(client, stop))
+            receiving = asyncio.create_task(self._receive(client))
+            tasks = (publishing, statuses, receiving)
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                if stop.is_set():  # both publishers drain what is on the wire
+                    await asyncio.wait((publishing, statuses), timeout=STOP_TIMEOUT_S - 2)
+            finally:
+                for task in (*tasks, *self._reports):
+                    task.cancel()
+                results = await asyncio.gather(*tasks, *self._reports, return_exceptions=True)
         finally:
-            for task in (publishing, watching):
-                task.cancel()
-            results = await asyncio.gather(publishing, watching, return_exceptions=True)
+            self._client = None
+            self._subscribed = None
+            self._changed()
         for result in results:
             if isinstance(result, BaseException) and not isinstance(
                 result, asyncio.CancelledError
@@ -296,8 +373,89 @@ class MqttIntegration:
                     status_topic, OFFLINE, qos=1, retain=True, timeout=STATUS_PUBLISH_TIMEOUT_S
                 )
 
+    # ---- commands ----------------------------------------------------------------
 
-async def _until_disconnected(client: aiomqtt.Client) -> None:
-    """Raises MqttError when the connection drops (the driver subscribes to nothing)."""
-    async for _message in client.messages:
-        pass
+    def _wanted_subscription(self) -> tuple[str, int] | None:
+        if self._receiver is None:
+            return None
+        return self._receiver.topic.filter, self._settings["qos"]
+
+    async def _sync_subscription(self, on_connect: bool = False) -> None:
+        """Make the live subscription match the command topic and QoS of the settings.
+
+        At connect time a failure raises (the connection is retried); on a live
+        change it is logged and the next reconnect subscribes again.
+        """
+        async with self._subscription_lock:
+            client, current = self._client, self._subscribed
+            wanted = self._wanted_subscription()
+            if client is None or wanted == current:
+                return
+            try:
+                if current is not None and (wanted is None or wanted[0] != current[0]):
+                    await client.unsubscribe(current[0], timeout=SUBSCRIBE_TIMEOUT_S)
+                    self._subscribed = None
+                if wanted is not None:
+                    granted = await client.subscribe(
+                        wanted[0], qos=wanted[1], timeout=SUBSCRIBE_TIMEOUT_S
+                    )
+                    if any(int(getattr(code, "value", code)) >= 0x80 for code in granted):
+                        self._subscription_error = (
+                            f"the broker refused the subscription to {wanted[0]} "
+                            "(check the broker's access rules for downlink_command_topic)"
+                        )
+                        _LOGGER.error("MQTT: %s", self._subscription_error)
+                        return
+                    _LOGGER.info("Receiving downlink commands on %s", wanted[0])
+                self._subscribed = wanted
+                self._subscription_error = None
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                if on_connect:
+                    raise
+                _LOGGER.warning("MQTT: cannot change the command subscription now: %s", exc)
+            finally:
+                self._changed()
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        """Handle command messages until the connection drops (then raise MqttError)."""
+        async for message in client.messages:
+            receiver = self._receiver
+            if receiver is None:
+                continue
+            payload = message.payload
+            if isinstance(payload, str):
+                payload = payload.encode()
+            elif not isinstance(payload, bytes | bytearray):
+                payload = b"" if payload is None else str(payload).encode()
+            try:
+                refusal = await receiver.handle(str(message.topic), bytes(payload), message.retain)
+                if refusal is not None:
+                    await self._report(client, refusal)
+            except aiomqtt.MqttError:
+                raise
+            except Exception:  # a bug must cost one message, never the connection
+                _LOGGER.exception("MQTT: handling a command message on %s failed", message.topic)
+
+    async def _report(self, client: aiomqtt.Client, refusal: Refusal) -> None:
+        """Publish a refusal on the device's status topic without waiting for its ack."""
+        hw_type = None
+        if self._status.topic.uses_hw_type:
+            with contextlib.suppress(Exception):  # unknown device or no database: no hw_type
+                hw_type = await self._status_store.hw_type(refusal.serial)
+        topic = self._status.topic_for(refusal.serial, hw_type)
+        payload = error_payload(refusal.command_id, refusal.error, refusal.detail, utcnow())
+        await self._report_slots.acquire()
+        task = asyncio.create_task(self._publish_report(client, topic, payload))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _publish_report(self, client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+        try:
+            await client.publish(topic, payload, qos=self._status.qos)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            _LOGGER.warning("MQTT: could not report a refused command on %s: %s", topic, exc)
+        else:
+            self.reports_published += 1
+            self._changed()
+        finally:
+            self._report_slots.release()

@@ -16,24 +16,24 @@ from urllib.parse import urlsplit
 
 import voluptuous as vol
 
-from .topic import DEFAULT_UPLINK_TOPIC, TopicTemplate, check_topic_name
+from driver_core.integration_base import SettingsError, form_field
 
+from .topic import (
+    DEFAULT_DOWNLINK_COMMAND_TOPIC,
+    DEFAULT_DOWNLINK_STATUS_TOPIC,
+    DEFAULT_UPLINK_TOPIC,
+    CommandTopic,
+    TopicTemplate,
+    check_topic_name,
+)
+
+DOMAIN = "mqtt"
 DEFAULT_STATUS_TOPIC = "coap-driver/status"
 BROKER_BUILTIN = "builtin"
 BROKER_EXTERNAL = "external"
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
-
-class SettingsError(Exception):
-    """Settings that cannot be applied; `errors` maps field -> message."""
-
-    def __init__(self, errors: dict[str, str]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"mqtt.{field}: {msg}" for field, msg in errors.items()))
-
-
-def _form(label: str, help_text: str, **extra: Any) -> dict[str, Any]:
-    return {"label": label, "help": help_text, **extra}
+_form = form_field
 
 
 def _text(value: Any) -> str:
@@ -75,6 +75,14 @@ def broker_url(value: Any) -> str:
 def topic_template(value: Any) -> str:
     try:
         TopicTemplate(_text(value))
+    except ValueError as exc:
+        raise vol.Invalid(str(exc)) from None
+    return _text(value)
+
+
+def command_topic(value: Any) -> str:
+    try:
+        CommandTopic(_text(value))
     except ValueError as exc:
         raise vol.Invalid(str(exc)) from None
     return _text(value)
@@ -135,6 +143,24 @@ SETTINGS_SCHEMA = vol.Schema(
                 "({{hw_type}} is also available)",
             ),
         ): topic_template,
+        vol.Optional(
+            "downlink_status_topic",
+            default=DEFAULT_DOWNLINK_STATUS_TOPIC,
+            description=_form(
+                "Downlink status topic",
+                "Every state change of a downlink, and every refused command, is published "
+                "here; {{serial}} is the device serial number ({{hw_type}} is also available)",
+            ),
+        ): topic_template,
+        vol.Optional(
+            "downlink_command_topic",
+            default=DEFAULT_DOWNLINK_COMMAND_TOPIC,
+            description=_form(
+                "Downlink command topic",
+                "Publish a JSON command here to schedule a downlink; text and {{serial}} only "
+                "(the driver subscribes with + in place of the serial)",
+            ),
+        ): command_topic,
         vol.Optional(
             "tls_ca_file",
             default="",
@@ -218,12 +244,45 @@ async def async_validate(settings: dict[str, Any] | None) -> dict[str, str]:
             errors["tls_ca_file"] = problem
     if data["password"] and not data["username"]:
         errors["username"] = "a password is set but the username is empty"
+    problem = _own_topic_as_command(data)
+    if problem:
+        errors["downlink_command_topic"] = problem
     return errors
+
+
+_OWN_TOPICS = {
+    "downlink_status_topic": "downlink status topic",
+    "uplink_topic": "uplink topic",
+    "status_topic": "status topic",
+}
+
+
+def _own_topic_as_command(data: dict[str, Any]) -> str | None:
+    """A topic the driver publishes on that its command subscription would also receive."""
+    command = CommandTopic(data["downlink_command_topic"])
+    for field, label in _OWN_TOPICS.items():
+        value = data[field]
+        if field == "status_topic":
+            clash = value if command.serial(value) is not None else None
+        else:
+            own = TopicTemplate(value)
+            if command.serial(own.example) is not None:
+                clash = own.example
+            elif own.may_render(command.example):
+                clash = command.example
+            else:
+                clash = None
+        if clash is not None:
+            return (
+                f"the command topic must differ from the {label} ({field}): the driver would "
+                f"read its own messages, e.g. on {clash}, as commands"
+            )
+    return None
 
 
 async def async_validated(settings: dict[str, Any] | None) -> dict[str, Any]:
     """`settings` with defaults applied, or SettingsError listing every problem."""
     errors = await async_validate(settings)
     if errors:
-        raise SettingsError(errors)
+        raise SettingsError(errors, DOMAIN)
     return SETTINGS_SCHEMA(dict(settings or {}))

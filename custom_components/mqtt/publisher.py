@@ -28,8 +28,8 @@ DRAIN_S = 5.0  # on a clean stop, how long in-flight publishes may still complet
 DB_RETRY_S = 2.0
 
 
-async def _first(*waitables: asyncio.Event | asyncio.Future[Any], wait_s: float) -> None:
-    """Return when any event is set or future done, or after `wait_s` seconds."""
+async def first_of(*waitables: asyncio.Event | asyncio.Future[Any], wait_s: float | None) -> None:
+    """Return when any event is set or future done, or after `wait_s` seconds (None: no limit)."""
     waiters = [asyncio.ensure_future(w.wait()) for w in waitables if isinstance(w, asyncio.Event)]
     futures = [w for w in waitables if not isinstance(w, asyncio.Event)]
     try:
@@ -105,7 +105,7 @@ class OutboxPublisher:
                 if rows is None:
                     continue
                 if not rows:
-                    await _first(self._wakeup, stop, failure, wait_s=IDLE_POLL_S)
+                    await first_of(self._wakeup, stop, failure, wait_s=IDLE_POLL_S)
                     if failure.done():
                         failure.result()
                     continue
@@ -145,7 +145,7 @@ class OutboxPublisher:
         except Exception as exc:  # a database hiccup must not drop the MQTT connection
             _LOGGER.warning("Cannot read the MQTT outbox: %s", exc)
             self._on_error(f"cannot read the MQTT outbox: {exc}")
-            await _first(stop, failure, wait_s=DB_RETRY_S)
+            await first_of(stop, failure, wait_s=DB_RETRY_S)
             if failure.done():
                 failure.result()
             return None
