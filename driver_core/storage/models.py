@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -176,6 +177,8 @@ class DownlinkEvent(Base):
     callback_status: Mapped[str | None] = mapped_column(String(16), index=True)
     callback_attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     callback_error: Mapped[str | None] = mapped_column(Text)
+    # Published on the MQTT downlink status topic and acknowledged by the broker.
+    mqtt_sent: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, index=True)
 
 
 class ApiToken(Base):
@@ -188,3 +191,21 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class User(Base):
+    """A web panel user; the password is stored as an scrypt hash (driver_core/web/passwords.py)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+# The web panel sorts the device list by these columns, one page at a time (100,000 devices).
+Index("ix_devices_hw_type", Device.hw_type)
+Index("ix_devices_name", Device.name)
+Index("ix_devices_join_date", Device.join_date)
+Index("ix_devices_last_seen", Device.last_seen)
