@@ -23,6 +23,7 @@ class Uplink:
     last_seen: datetime | None  # the previous uplink, before this one
     data: dict[str, Any] = field(default_factory=dict)
     outbox_id: int | None = None  # row of the durable outbox holding the document
+    document_json: str | None = None  # the document as stored in that row
 
     def document(self) -> dict[str, Any]:
         """The JSON object published on the uplink topic, field for field as documented."""

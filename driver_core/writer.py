@@ -140,14 +140,16 @@ def write_batch(session: Session, jobs: list[WriteJob]) -> None:
                 for job in uplink_jobs
             ],
         )
+        for job in uplink_jobs:
+            job.uplink.document_json = json.dumps(
+                job.uplink.document(), separators=(",", ":"), ensure_ascii=False
+            )
         result = session.execute(
             insert(OutboxMessage).returning(OutboxMessage.id, sort_by_parameter_order=True),
             [
                 {
                     "serial": job.uplink.serial,
-                    "document": json.dumps(
-                        job.uplink.document(), separators=(",", ":"), ensure_ascii=False
-                    ),
+                    "document": job.uplink.document_json,
                     "created_at": job.uplink.rx_date,
                 }
                 for job in uplink_jobs

@@ -285,3 +285,29 @@ def test_loose_key_permissions_warn(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert caplog.messages == [
         f"Secret key file {key_file} is readable by other users (mode 644); run chmod 600 on it"
     ]
+
+
+async def test_outbox_ids_are_never_reused_even_when_the_table_empties(database: Database) -> None:
+    """The MQTT publisher orders by id and skips ids it has handed out already."""
+    from sqlalchemy import delete, insert
+
+    from driver_core.storage.models import OutboxMessage
+    from driver_core.timefmt import utcnow
+
+    async with database.session() as session, session.begin():
+        first = (
+            await session.execute(
+                insert(OutboxMessage)
+                .values(serial="A1", document="{}", created_at=utcnow())
+                .returning(OutboxMessage.id)
+            )
+        ).scalar_one()
+        await session.execute(delete(OutboxMessage))
+        second = (
+            await session.execute(
+                insert(OutboxMessage)
+                .values(serial="A1", document="{}", created_at=utcnow())
+                .returning(OutboxMessage.id)
+            )
+        ).scalar_one()
+    assert second == first + 1

@@ -5,6 +5,11 @@ in that order on one connection), up to `window` wait for their acknowledgement
 at once, and acknowledged rows are deleted in batches. Nothing is deleted
 before the broker has it, so a lost connection only means "send again what is
 still in the table" (at-least-once, order kept).
+
+Fresh uplinks are published from the committed event itself (it carries the
+row id and the stored JSON), so the hot path reads nothing back; the table is
+scanned when a connection starts and every few seconds, which also catches
+rows committed by another process or late.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +76,9 @@ class OutboxPublisher:
         self._flush_lock = asyncio.Lock()
         self._deleter: asyncio.Task[None] | None = None
         self._fallback_topic = TopicTemplate(DEFAULT_UPLINK_TOPIC)
+        self._fresh: deque[OutboxRow] = deque()  # committed rows announced by events
+        self._high = 0  # highest id handed to the client since the last table scan
+        self._next_scan = 0.0  # monotonic time of the next table scan
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -84,9 +94,15 @@ class OutboxPublisher:
         with contextlib.suppress(Exception):
             await self.flush()
 
-    def notify(self) -> None:
-        """A new row was committed (uplink event): look at the table now."""
+    def notify(self, uplink: Any = None) -> None:
+        """A new row was committed (uplink event): publish it without reading it back."""
         self.waiting += 1
+        outbox_id = getattr(uplink, "outbox_id", None)
+        document = getattr(uplink, "document_json", None)
+        if outbox_id is not None and document is not None:
+            self._fresh.append(OutboxRow(outbox_id, uplink.serial, document))
+        else:
+            self._next_scan = 0.0  # unknown row: look at the table
         self._wakeup.set()
 
     # ---- publishing ------------------------------------------------------------
@@ -98,14 +114,16 @@ class OutboxPublisher:
         failure: asyncio.Future[None] = loop.create_future()
         window = asyncio.Semaphore(self.window)
         tasks: set[asyncio.Task[None]] = set()
+        self._next_scan = 0.0  # a new connection starts from the table
         try:
             while not stop.is_set():
                 self._wakeup.clear()
-                rows = await self._read_page(stop, failure)
+                rows = await self._next_rows(stop, failure)
                 if rows is None:
                     continue
                 if not rows:
-                    await first_of(self._wakeup, stop, failure, wait_s=IDLE_POLL_S)
+                    wait_s = max(0.0, min(IDLE_POLL_S, self._next_scan - time.monotonic()))
+                    await first_of(self._wakeup, stop, failure, wait_s=wait_s)
                     if failure.done():
                         failure.result()
                     continue
@@ -133,6 +151,27 @@ class OutboxPublisher:
                 failure.exception()  # retrieved: a failure while stopping changes nothing
             with contextlib.suppress(Exception):
                 await self.flush()
+
+    async def _next_rows(
+        self, stop: asyncio.Event, failure: asyncio.Future[None]
+    ) -> list[OutboxRow] | None:
+        """Fresh rows from events, or a table scan when one is due (start, timer, gaps)."""
+        if time.monotonic() >= self._next_scan:
+            rows = await self._read_page(stop, failure)
+            if rows is None:
+                return None
+            if len(rows) < PAGE:  # the scan saw everything committed so far
+                self._next_scan = time.monotonic() + IDLE_POLL_S
+            if rows:
+                self._high = max(self._high, rows[-1].id)
+            return rows
+        fresh = []
+        while self._fresh:
+            row = self._fresh.popleft()
+            if row.id > self._high:
+                fresh.append(row)
+                self._high = row.id
+        return fresh
 
     async def _read_page(
         self, stop: asyncio.Event, failure: asyncio.Future[None]

@@ -116,6 +116,7 @@ class OutboxMessage(Base):
     """
 
     __tablename__ = "mqtt_outbox"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids are never reused: order depends on them
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     serial: Mapped[str] = mapped_column(String(16), nullable=False)
@@ -156,7 +157,10 @@ class Downlink(Base):
     unacknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # state 5
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
 
-    __table_args__ = (Index("ix_downlinks_device_id_state", "device_id", "state"),)
+    __table_args__ = (
+        Index("ix_downlinks_device_id_state", "device_id", "state"),
+        {"sqlite_autoincrement": True},  # the wire id derives from the row id
+    )
 
 
 class DownlinkEvent(Base):

@@ -72,6 +72,8 @@ def upgrade() -> None:
         sa.Column("document", sa.Text(), nullable=False),
         sa.Column("created_at", _UTC, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_mqtt_outbox"),
+        # Ids must never be reused, even when the table empties: the publisher orders by them.
+        sqlite_autoincrement=True,
     )
     op.create_table(
         "integration_settings",

@@ -42,6 +42,8 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name="pk_downlinks"),
         sa.UniqueConstraint("command_id", name="uq_downlinks_command_id"),
+        # The wire id derives from the row id: never reuse one after a purge.
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_downlinks_state", "downlinks", ["state"])
     op.create_index("ix_downlinks_updated_at", "downlinks", ["updated_at"])
