@@ -78,6 +78,4 @@ class CallbackStore:
             .values(**values)
             .execution_options(synchronize_session=False)
         )
-        async with self._db.session() as session:
-            await session.execute(statement)
-            await session.commit()
+        await self._db.run_write(lambda session: session.execute(statement))

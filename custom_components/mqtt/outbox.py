@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
 from driver_core.storage.models import OutboxMessage
 
@@ -42,17 +43,23 @@ class Outbox:
             return int((await session.execute(select(func.count(OutboxMessage.id)))).scalar_one())
 
     async def delete(self, ids: Iterable[int]) -> int:
-        """Remove delivered rows; returns how many were removed."""
+        """Remove delivered rows; returns how many were removed.
+
+        Runs through the database's writer (`run_write`): on SQLite one thread
+        owns all hot-path writes, so they never wait on each other's locks.
+        """
         ids = list(ids)
-        removed = 0
-        async with self._db.session() as session:
+
+        def remove(session: Session) -> int:
+            removed = 0
             for start in range(0, len(ids), _DELETE_CHUNK):
                 chunk = ids[start : start + _DELETE_CHUNK]
-                result = await session.execute(
+                result = session.execute(
                     delete(OutboxMessage)
                     .where(OutboxMessage.id.in_(chunk))
                     .execution_options(synchronize_session=False)
                 )
                 removed += result.rowcount or 0
-            await session.commit()
-        return removed
+            return removed
+
+        return await self._db.run_write(remove)

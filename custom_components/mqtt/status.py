@@ -110,9 +110,7 @@ class StatusStore:
             .values(mqtt_sent=True)
             .execution_options(synchronize_session=False)
         )
-        async with self._db.session() as session:
-            await session.execute(statement)
-            await session.commit()
+        await self._db.run_write(lambda session: session.execute(statement))
 
     async def hw_type(self, serial: str) -> int | None:
         async with self._db.session() as session:
