@@ -38,6 +38,8 @@ from .simulator import Simulator, demo_devices
 from .storage.db import DatabaseError
 from .storage.secretbox import SecretBoxError
 from .tokens import TokenError, create_token, list_tokens, revoke_token
+from .web.users import UserError
+from .web.users_cli import create_user, delete_user, list_users
 
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     ConfigError,
@@ -49,6 +51,7 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     SettingsError,
     StartupError,
     TokenError,
+    UserError,
 )
 DEMO_CSV = "demo-devices.csv"
 DEMO_HW_TYPES = [17, 24, 28]  # one device of each family
@@ -182,6 +185,32 @@ async def cmd_token_revoke(args: argparse.Namespace) -> int:
         print(f"no token named {args.name!r}", file=sys.stderr)
         return 1
     print(f"revoked {args.name}")
+    return 0
+
+
+async def cmd_user_add(args: argparse.Namespace) -> int:
+    import getpass
+
+    password = args.password if args.password is not None else getpass.getpass("Password: ")
+    async with _storage(args.config) as (_driver, db, _box):
+        print(await create_user(db, args.username, password))
+    return 0
+
+
+async def cmd_user_list(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (_driver, db, _box):
+        for line in await list_users(db):
+            print(line)
+    return 0
+
+
+async def cmd_user_remove(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (_driver, db, _box):
+        removed = await delete_user(db, args.username)
+    if not removed:
+        print(f"no user named {args.username!r}", file=sys.stderr)
+        return 1
+    print(f"removed {args.username}")
     return 0
 
 
@@ -336,6 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = token_commands.add_parser("revoke", help="revoke a token")
     revoke.add_argument("name")
     revoke.set_defaults(func=cmd_token_revoke)
+
+    user = commands.add_parser("user", help="web panel users")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    uadd = user_commands.add_parser("add", help="create a user (asks for the password)")
+    uadd.add_argument("username")
+    uadd.add_argument("--password", help="for scripts; prefer the prompt")
+    uadd.set_defaults(func=cmd_user_add)
+    user_commands.add_parser("list", help="list users").set_defaults(func=cmd_user_list)
+    urem = user_commands.add_parser("remove", help="delete a user")
+    urem.add_argument("username")
+    urem.set_defaults(func=cmd_user_remove)
 
     integ = commands.add_parser("integration", help="show or change an integration's settings")
     integ_commands = integ.add_subparsers(dest="integration_command", required=True)

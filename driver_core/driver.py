@@ -23,6 +23,7 @@ from .refusals import Refusals, UnparsableDatagramCounter
 from .security import DeviceCredentials
 from .storage.db import Database
 from .storage.secretbox import SecretBox
+from .web import setup_web
 from .writer import UplinkWriter
 
 _LOGGER = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class Driver:
         self.housekeeping = Housekeeping(self)
         self.housekeeping.start()
         self.api = ApiServer(self)
+        setup_web(self.api.app, self)
         try:
             await self.api.start(config.http["host"], config.http["port"])
         except OSError as exc:

@@ -99,3 +99,14 @@ def test_token_create_list_revoke(tmp_path: Path):
     assert run_cli("--config", str(config), "token", "revoke", "erp", cwd=tmp_path).returncode == 0
     missing = run_cli("--config", str(config), "token", "revoke", "erp", cwd=tmp_path)
     assert (missing.returncode, missing.stderr) == (1, "no token named 'erp'\n")
+
+
+def test_user_add_list_remove(tmp_path: Path):
+    config = tmp_path / "config"
+    added = run_cli("--config", str(config), "user", "add", "ops", "--password", "correct horse 42", cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
+    listed = run_cli("--config", str(config), "user", "list", cwd=tmp_path)
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["ops"]
+    assert run_cli("--config", str(config), "user", "remove", "ops", cwd=tmp_path).returncode == 0
+    missing = run_cli("--config", str(config), "user", "remove", "ops", cwd=tmp_path)
+    assert (missing.returncode, missing.stderr) == (1, "no user named 'ops'\n")
