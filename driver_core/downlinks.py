@@ -51,6 +51,8 @@ STATE_NAMES = {
 FINAL_STATES = (CANCELED, ACKNOWLEDGED, REJECTED, UNACKNOWLEDGED)
 OPEN_STATES = (PENDING, SENT)
 COMMAND_ID_MAX = 128
+# The configuration whose acknowledged value is the device's tx_interval (JOIN answer key 1).
+TX_INTERVAL_COMMAND = "tx_interval"
 SWEEP_SECONDS = 2.0
 
 
@@ -167,6 +169,13 @@ class StateChange:
             values["result"] = self.result
         return values
 
+    @property
+    def new_tx_interval(self) -> int | None:
+        """The device's new transmission interval, when this change acknowledges one."""
+        if self.state == ACKNOWLEDGED and self.row.command == TX_INTERVAL_COMMAND:
+            return int(self.row.parameter)
+        return None
+
 
 class ConcurrentChange(Exception):
     """A row was not in the expected state any more (changed by another instance)."""
@@ -184,6 +193,12 @@ def apply_changes(session: Session, changes: list[StateChange]) -> list[Downlink
         )
         if result.rowcount != 1:
             raise ConcurrentChange(change.row.command_id)
+        if change.new_tx_interval is not None:
+            session.execute(
+                update(Device)
+                .where(Device.id == change.row.device_id)
+                .values(tx_interval=change.new_tx_interval)
+            )
         for key, value in values.items():
             setattr(change.row, key, value)
         event_id = (
@@ -500,6 +515,9 @@ class DownlinkQueue:
         """
         if not plan.still_open:
             self.open_devices.discard(state.device_id)
+        for change in plan.changes:
+            if change.new_tx_interval is not None:
+                state.tx_interval = change.new_tx_interval
 
     # -- time-driven transitions ---------------------------------------------------
     async def expire_unacknowledged(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -34,10 +35,34 @@ def voluptuous_errors(exc: vol.Invalid) -> dict[str, str]:
     return {".".join(str(p) for p in error.path) or "_": error.msg for error in errors}
 
 
+def dependency_order(modules: Mapping[str, ModuleType]) -> dict[str, ModuleType]:
+    """Integrations ordered so each starts after the ones its manifest lists in `dependencies`."""
+    from .components import read_manifest
+
+    needs = {}
+    for domain, module in modules.items():
+        extra = read_manifest(Path(module.__file__).parent).extra
+        needs[domain] = [d for d in extra.get("dependencies") or [] if d in modules]
+    ordered: dict[str, ModuleType] = {}
+
+    def visit(domain: str, path: tuple[str, ...]) -> None:
+        if domain in ordered:
+            return
+        if domain in path:
+            raise SettingsError({domain: f"circular dependencies: {' -> '.join((*path, domain))}"})
+        for dependency in needs[domain]:
+            visit(dependency, (*path, domain))
+        ordered[domain] = modules[domain]
+
+    for domain in sorted(modules):
+        visit(domain, ())
+    return ordered
+
+
 class IntegrationManager:
     def __init__(self, driver: Driver, modules: Mapping[str, ModuleType], yaml_sections: Mapping[str, dict]):
         self._driver = driver
-        self.modules = dict(modules)
+        self.modules = dependency_order(modules)
         self._yaml = dict(yaml_sections)
         self.running: dict[str, Any] = {}
         self._settings: dict[str, dict] = {}

@@ -251,3 +251,17 @@ async def test_retention_purges_final_downlinks_only(running_driver, enroll):
 
 def test_wire_ids_wrap_within_uint16():
     assert [wire_id(n) for n in (1, 2, 65535, 65536, 65537)] == [1, 2, 65535, 1, 2]
+
+
+async def test_an_acknowledged_tx_interval_becomes_the_devices_interval(running_driver, enroll):
+    from driver_core.storage.models import Device
+
+    session = await joined_device(enroll)
+    view, _ = await running_driver.downlinks.schedule("B0000001", "tx_interval", 15, "tx-15")
+    await session.post("rx", RX)
+    await session.post("ack", cbor2.dumps([view.downlink_id, 0]))
+    async with running_driver.db.session() as db:
+        stored = (await db.execute(select(Device).where(Device.serial == "B0000001"))).scalar_one()
+    assert stored.tx_interval == 15
+    again = await session.join("1.0.1", 17)  # the JOIN answer now carries the new interval
+    assert again.body[1] == 15
