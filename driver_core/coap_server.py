@@ -1,4 +1,4 @@
-"""The CoAP side: OSCORE-protected resources /join, /rx, /ack, /fota on aiocoap.
+"""The CoAP side: OSCORE-protected resources /join, /rx, /ack, /fota, /fota/<version> on aiocoap.
 
 Handlers stay short (decode, one group-committed write, answer) so every answer
 is piggybacked in the ACK well inside aiocoap's 100 ms empty-ACK delay; a
@@ -22,6 +22,8 @@ from aiocoap.util.linkformat import LinkFormat
 
 from . import refusals as why
 from .family import PayloadDecodeError
+from .fota.blockwise import OCTET_STREAM, BlockOutOfRange, negotiate
+from .response_cache import install_response_cache
 from .security import DeviceContext, DeviceCredentials, DeviceState
 from .timefmt import utcnow
 from .uplink import Uplink
@@ -30,6 +32,7 @@ from .writer import StorageUnavailable, UplinkWriter, WriteJob
 if TYPE_CHECKING:
     from .downlinks import DownlinkQueue
     from .family import Family
+    from .fota.service import FotaService
     from .refusals import Refusals
 
 _LOGGER = logging.getLogger(__name__)
@@ -83,20 +86,30 @@ class DeviceSite(OscoreSiteWrapper):
 class ResourceTable:
     """The inner site: a dict from path to resource, refusals counted before the 4.04.
 
-    aiocoap's Site copies the request's options for every lookup; the four
-    device resources need a dictionary lookup only.
+    aiocoap's Site copies the request's options for every lookup; the device
+    resources need a dictionary lookup only. `subtrees` route two-segment paths
+    by their first segment (`/fota/<version>`).
     """
 
-    def __init__(self, refusals: Refusals, resources: dict[tuple[str, ...], resource.Resource]):
+    def __init__(
+        self,
+        refusals: Refusals,
+        resources: dict[tuple[str, ...], resource.Resource],
+        subtrees: dict[str, resource.Resource] | None = None,
+    ):
         self._refusals = refusals
         self._resources = resources
+        self._subtrees = subtrees or {}
 
     def get_resources_as_linkheader(self):  # .well-known/core is not offered to devices
         return LinkFormat([])
 
     async def render_to_pipe(self, pipe) -> None:
         request = pipe.request
-        target = self._resources.get(tuple(request.opt.uri_path))
+        path = tuple(request.opt.uri_path)
+        target = self._resources.get(path)
+        if target is None and len(path) == 2:
+            target = self._subtrees.get(path[0])
         if target is None:
             device = getattr(getattr(request.remote, "security_context", None), "device", None)
             self._refusals.record(
@@ -205,13 +218,18 @@ class DeviceResource(resource.Resource):
         data, failure = self.decode(state, request.payload)
         if failure is not None:
             self.core.refusals.record(why.BAD_PAYLOAD, kid=state.kid, serial=state.serial, detail=failure)
+        extra = self.answer_extra(state, data) if failure is None else {}
         body = await self.accept(context, data, request.payload, answered_ok=failure is None)
         if failure is not None:
             return aiocoap.Message(code=Code.BAD_REQUEST, payload=failure.encode()[:120])
-        return cbor_answer(Code.CHANGED, body)
+        return cbor_answer(Code.CHANGED, {**body, **extra})
 
     def decode(self, state: DeviceState, payload: bytes) -> tuple[dict[str, Any], str | None]:
         raise NotImplementedError
+
+    def answer_extra(self, state: DeviceState, data: dict[str, Any]) -> dict[Any, Any]:
+        """Answer keys a resource adds to its 2.04 (key 5 of POST /fota); may add to `data`."""
+        return {}
 
 
 def undecodable(payload: bytes, reason: str) -> tuple[dict[str, Any], str]:
@@ -258,6 +276,9 @@ class AckResource(DeviceResource):
 
 
 class FotaResource(DeviceResource):
+    """POST /fota: a firmware check `{1: current}` or a failure report `{1: current,
+    2: failed version, 3: reason (tstr or uint)}`; a check may be answered with an offer (key 5)."""
+
     message_type = "fota"
 
     def decode(self, state, payload):
@@ -267,7 +288,76 @@ class FotaResource(DeviceResource):
             return undecodable(payload, str(exc))
         if not isinstance(value, dict) or not isinstance(value.get(1), str):
             return undecodable(payload, "fota request must be a CBOR map {1: firmware version (tstr)}")
-        return {"firmware": value[1]}, None
+        data: dict[str, Any] = {"firmware": value[1]}
+        if 2 in value or 3 in value:
+            failed, reason = value.get(2), value.get(3)
+            if not isinstance(failed, str) or not failed:
+                return undecodable(payload, "fota failure report key 2 (failed version) must be a tstr")
+            if isinstance(reason, bool) or not isinstance(reason, str | int | None):
+                return undecodable(payload, "fota failure report key 3 (reason) must be a tstr or uint")
+            data["failed_version"] = failed
+            data["reason"] = reason if reason is not None else "no reason given"
+        return data, None
+
+    def answer_extra(self, state, data):
+        service = self.core.fota
+        if service is None:
+            return {}
+        image = service.check(state, data)
+        if image is None:
+            return {}
+        data["offer"] = {"version": image.version, "size": image.size, "sha256": image.view.sha256}
+        return {5: image.offer()}
+
+
+class FotaDownloadResource(DeviceResource):
+    """GET /fota/<version>: one block per request, computed from the request alone (RFC 7959).
+
+    aiocoap's own Block2 cache keys on the remote address and expires; devices
+    change addresses and sleep between blocks, so blocks are served here,
+    statelessly, straight from the image file. ETag = first 8 bytes of the
+    SHA-256, Size2 = image size, on every block.
+    """
+
+    render_post = None  # GET only: aiocoap answers anything else 4.05
+
+    async def render_get(self, request):
+        context = self.context_of(request)
+        state = context.device
+        if context.phase != "current":
+            self.core.refusals.record(why.JOIN_FIRST, kid=state.kid, serial=state.serial)
+            return aiocoap.Message(code=Code.UNAUTHORIZED, payload=b"Join first")
+        service = self.core.fota
+        version = request.opt.uri_path[1]
+        image = service.image(state.hw_type, version) if service is not None else None
+        if image is None:
+            return aiocoap.Message(code=Code.NOT_FOUND, payload=b"No such firmware")
+        if request.opt.etags and image.etag not in request.opt.etags:
+            # The device resumes a download whose image was replaced: start again from the offer.
+            return aiocoap.Message(code=Code.NOT_FOUND, payload=b"ETag does not match")
+        option = request.opt.block2
+        wanted = negotiate(option.block_number, option.size_exponent) if option else negotiate(0, 6)
+        try:
+            block = service.read(image, wanted)
+        except BlockOutOfRange as exc:
+            return aiocoap.Message(code=Code.BAD_OPTION, payload=str(exc).encode()[:120])
+        except OSError as exc:
+            _LOGGER.error("Firmware %s (hw_type %s) cannot be read: %s", version, state.hw_type, exc)
+            return aiocoap.Message(code=Code.NOT_FOUND, payload=b"Firmware file missing")
+        # No write here: the replay window this GET moved is stored with the device's next
+        # POST. Until then a restart could accept a replay of a block request, which only
+        # returns the very ciphertext already sent (same request nonce, same block): a GET
+        # changes nothing. Waiting for a commit per block would cost a transaction per
+        # block and push answers past aiocoap's 100 ms empty-ACK delay under load.
+        service.block_served(state, image, block)
+        return aiocoap.Message(
+            code=Code.CONTENT,
+            payload=block.payload,
+            block2=(wanted.number, block.more, wanted.szx),
+            size2=image.size,
+            etag=image.etag,
+            content_format=OCTET_STREAM,
+        )
 
 
 def parse_join(payload: bytes) -> dict[str, Any]:
@@ -346,6 +436,7 @@ class CoapCore:
         self.refusals = refusals
         self.max_payload = max_payload
         self.downlinks = downlinks
+        self.fota: FotaService | None = None  # set by driver_core.fota.start_fota
 
     def site(self) -> DeviceSite:
         inner = ResourceTable(
@@ -356,12 +447,20 @@ class CoapCore:
                 ("ack",): AckResource(self),
                 ("fota",): FotaResource(self),
             },
+            subtrees={"fota": FotaDownloadResource(self)},
         )
         return DeviceSite(inner, self.credentials, self.refusals)
 
 
 async def start_coap_server(core: CoapCore, host: str, port: int) -> aiocoap.Context:
-    """Bind the UDP listener; host '::' serves IPv4 and IPv6."""
-    return await aiocoap.Context.create_server_context(
+    """Bind the UDP listener; host '::' serves IPv4 and IPv6.
+
+    aiocoap's own deduplication keeps every answer for 247 s, which grows with
+    traffic (a firmware download is thousands of answers); a bounded cache
+    replaces it.
+    """
+    context = await aiocoap.Context.create_server_context(
         core.site(), bind=(host, port), transports=["udp6"], loggername="driver_core.coap"
     )
+    install_response_cache(context)
+    return context

@@ -17,6 +17,7 @@ _LOGGER = logging.getLogger(__name__)
 EVENT_UPLINK = "uplink"
 EVENT_DOWNLINK_STATE = "downlink_state"
 EVENT_REFUSED = "refused"
+EVENT_FOTA_STATE = "fota_state"  # driver_core.fota.service.FotaStateEvent
 
 Listener = Callable[[Any], None]
 

@@ -16,6 +16,7 @@ import voluptuous_openapi
 from driver_core.downlinks import STATE_NAMES
 
 from .operation import API_PREFIX, Operation, Response
+from .routes_firmware import SCHEMAS as FIRMWARE_SCHEMAS
 
 if TYPE_CHECKING:
     from driver_core.driver import Driver
@@ -272,13 +273,15 @@ def _operation(op: Operation, driver: Driver) -> dict[str, Any]:
         if op.body_example is not None:
             media["example"] = op.body_example
         entry["requestBody"] = {"required": True, "content": {"application/json": media}}
+    elif op.raw_body is not None:
+        entry["requestBody"] = op.raw_body
     responses = {str(status): _response(response) for status, response in op.responses.items()}
     implied = [401, 500]
-    if parameters or body is not None:
+    if parameters or body is not None or op.raw_body is not None:
         implied.append(400)
     if op.path_params is not None:
         implied.append(404)
-    if body is not None:
+    if body is not None or op.raw_body is not None:
         implied += [413, 415]
     for status in implied:
         responses.setdefault(str(status), _response(Response(_ERRORS[status], "Error")))
@@ -306,10 +309,11 @@ def build_document(operations: Iterable[Operation], driver: Driver) -> dict[str,
         "tags": [
             {"name": "Downlinks", "description": "Commands and configurations for devices"},
             {"name": "Devices", "description": "Enrolled devices and device families"},
+            {"name": "Firmware", "description": "Firmware images, targets and update campaigns"},
         ],
         "paths": paths,
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {**SCHEMAS, **FIRMWARE_SCHEMAS},
             "securitySchemes": {
                 "bearerAuth": {
                     "type": "http",

@@ -60,6 +60,9 @@ class Operation:
     query: vol.Schema | None = None
     body: BodySchema | None = None  # a callable builds it from the driver (e.g. its hw_types)
     body_example: dict[str, Any] | None = None
+    # An OpenAPI requestBody for a body that is not JSON (e.g. a firmware upload): the
+    # handler reads the body itself; the server does not parse it.
+    raw_body: dict[str, Any] | None = None
 
     def body_schema(self, driver: Driver) -> vol.Schema | None:
         if self.body is None or isinstance(self.body, vol.Schema):

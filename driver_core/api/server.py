@@ -17,7 +17,7 @@ from aiohttp import web
 from driver_core.downlinks import DownlinkError
 from driver_core.tokens import verify_token
 
-from . import routes_devices, routes_downlinks
+from . import routes_devices, routes_downlinks, routes_firmware
 from .docs_page import OPENAPI_PATH, add_docs_routes, is_public
 from .errors import MAX_BODY_BYTES, ApiError, Handler, json_errors
 from .openapi import build_document
@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 
-OPERATIONS: list[Operation] = [*routes_downlinks.OPERATIONS, *routes_devices.OPERATIONS]
+OPERATIONS: list[Operation] = [
+    *routes_downlinks.OPERATIONS, *routes_devices.OPERATIONS, *routes_firmware.OPERATIONS,
+]
 OPENAPI_JSON: web.AppKey[str] = web.AppKey("openapi_json")
 TOKEN_NAME: web.RequestKey[str] = web.RequestKey("token_name", str)  # who made the request
 SHUTDOWN_TIMEOUT = 5.0  # seconds given to running requests when the driver stops

@@ -213,3 +213,7 @@ Index("ix_devices_hw_type", Device.hw_type)
 Index("ix_devices_name", Device.name)
 Index("ix_devices_join_date", Device.join_date)
 Index("ix_devices_last_seen", Device.last_seen)
+
+# The firmware tables live with the firmware service; importing them here keeps
+# Base.metadata (and Alembic's comparison with the migrations) complete.
+from driver_core.fota import models as _firmware_models  # noqa: E402, F401
