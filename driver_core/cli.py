@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, logs, ops_cli
 from .components import ComponentError
 from .config import ConfigError
 from .device_client import CoapTiming
@@ -52,6 +52,7 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     StartupError,
     TokenError,
     UserError,
+    *ops_cli.ERRORS,
 )
 DEMO_CSV = "demo-devices.csv"
 DEMO_HW_TYPES = [17, 24, 28]  # one device of each family
@@ -72,11 +73,9 @@ def _broker_error_types() -> tuple[type[Exception], ...]:
 
 
 def _apply_log_levels(driver: Driver) -> None:
+    """The `logger:` section: output format (text or JSON lines) and levels per component."""
     assert driver.config is not None
-    logger = driver.config.logger
-    logging.getLogger().setLevel(logger.get("default", "INFO").upper())
-    for name, level in (logger.get("logs") or {}).items():
-        logging.getLogger(name).setLevel(str(level).upper())
+    logs.configure(driver.config.logger)
 
 
 # --- commands ---------------------------------------------------------------------------
@@ -394,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--time-scale", type=float, default=1.0)
     sim.add_argument("--transmissions", type=int, default=None, help="stop after N rx per device")
     sim.set_defaults(func=cmd_simulate)
+
+    ops_cli.register(commands)  # backup, restore, db, broker, logging
     return parser
 
 

@@ -63,6 +63,7 @@ class CoreConfig:
     retention: dict[str, Any]
     devices: dict[str, Any]
     downlinks: dict[str, Any]
+    fota: dict[str, Any]
     integrations: dict[str, dict[str, Any]]
 
     @property
@@ -183,6 +184,10 @@ def core_schemas(config_dir: Path) -> dict[str, vol.Schema]:
         "logger": _section(
             {
                 vol.Optional("default", default="info"): _log_level,
+                # text: one human line per record; json: one JSON object per line (extras as keys)
+                vol.Optional("format", default="text"): vol.In(
+                    ("text", "json"), msg="expected text or json"
+                ),
                 vol.Optional("logs", default=dict): vol.All(
                     lambda v: {} if v is None else v, {_string: _log_level}
                 ),
@@ -204,6 +209,12 @@ def core_schemas(config_dir: Path) -> dict[str, vol.Schema]:
             {
                 vol.Optional("tx_interval", default=60): _int_range(1, 44640),
                 vol.Optional("grace_minutes", default=15): _int_range(0, 44640),
+            }
+        ),
+        "fota": _section(
+            {
+                # A download with no block for this long is marked failed (stalled).
+                vol.Optional("stall_minutes", default=30): _int_range(1, 7 * 24 * 60),
             }
         ),
         "downlinks": _section(

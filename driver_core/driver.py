@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,16 @@ from .coap_server import CoapCore, start_coap_server
 from .components import builtin_components_dir, discover_components, import_integration
 from .config import CoreConfig, ensure_config_dir, load_configuration
 from .downlinks import DownlinkQueue
-from .events import EventBus
+from .events import EVENT_UPLINK, EventBus
 from .family import Family, load_family
+from .fota.service import start_fota, stop_fota
 from .housekeeping import Housekeeping
 from .integrations import IntegrationManager
 from .join_tokens import JoinTokens
+from .metrics import Metrics, TimedCore
+from .ops_http import ops_middleware
 from .refusals import Refusals, UnparsableDatagramCounter
+from .runstate import RunLock, join_token_key
 from .security import DeviceCredentials
 from .storage.db import Database
 from .storage.secretbox import SecretBox
@@ -71,7 +76,11 @@ class Driver:
         self.integrations: IntegrationManager | None = None
         self.housekeeping: Housekeeping | None = None
         self.api: ApiServer | None = None
+        self.metrics: Metrics | None = None
+        self.fota = None  # FotaService, once started
         self._datagram_filter: UnparsableDatagramCounter | None = None
+        self._run_lock: RunLock | None = None
+        self._unlisten_metrics: Any = None
 
     @property
     def coap_port(self) -> int:
@@ -97,12 +106,17 @@ class Driver:
     async def start(self) -> None:
         config = self.config or self.load()
         self.box = SecretBox.load_or_create(self.config_dir)
+        self._run_lock = RunLock(self.config_dir)  # `coap-driver restore` waits for no driver
+        self._run_lock.acquire_shared()
         self.db = Database(config.database["url"])
         await self.db.start()
+        self.metrics = Metrics(self)
+        self.db.write_observer = self.metrics.db_write_seconds.observe
+        self._unlisten_metrics = self.bus.listen(EVENT_UPLINK, self.metrics.on_uplink)
         self.credentials = DeviceCredentials(
             self.db,
             self.box,
-            JoinTokens(self.box.derive_key(b"join-r2")),
+            JoinTokens(join_token_key(self.box, self.config_dir)),
             self.refusals,
             cache_size=config.coap["context_cache_size"],
         )
@@ -129,6 +143,7 @@ class Driver:
         self.housekeeping = Housekeeping(self)
         self.housekeeping.start()
         self.api = ApiServer(self)
+        self.api.app.middlewares.insert(0, ops_middleware(self))  # /metrics, /ops/logging
         setup_web(self.api.app, self)
         try:
             await self.api.start(config.http["host"], config.http["port"])
@@ -141,19 +156,25 @@ class Driver:
         self._datagram_filter = UnparsableDatagramCounter(self.refusals)
         logging.getLogger("driver_core.coap").addFilter(self._datagram_filter)
         try:
-            self.coap_context = await start_coap_server(self.coap, config.coap["host"], config.coap["port"])
+            self.coap_context = await start_coap_server(
+                TimedCore(self.coap, self.metrics.handler_seconds),
+                config.coap["host"],
+                config.coap["port"],
+            )
         except OSError as exc:
             await self.stop()
             raise StartupError(
                 f"coap.port: cannot listen on UDP {config.coap['host']} port {config.coap['port']}: "
                 f"{exc.strerror or exc}"
             ) from None
+        await start_fota(self, stall_after=timedelta(minutes=config.fota["stall_minutes"]))
         _LOGGER.info(
             "coap-driver listening on UDP [%s]:%s with %d device families",
             config.coap["host"], self.coap_port, len({f.domain for f in self.families.values()}),
         )
 
     async def stop(self) -> None:
+        await stop_fota(self)
         if self.coap_context is not None:
             await self.coap_context.shutdown()
             self.coap_context = None
@@ -170,8 +191,14 @@ class Driver:
             await self.downlinks.stop()
         if self.integrations is not None:
             await self.integrations.stop()
+        if self._unlisten_metrics is not None:
+            self._unlisten_metrics()
+            self._unlisten_metrics = None
         if self.db is not None:
             await self.db.stop()
+        if self._run_lock is not None:
+            self._run_lock.release()
+            self._run_lock = None
 
     async def run_forever(self) -> None:
         await self.start()

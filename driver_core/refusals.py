@@ -1,4 +1,9 @@
-"""Counting and logging refused requests: one log line per refusal, one counter per reason."""
+"""Counting and logging refused requests: one log line per refusal, one counter per reason.
+
+The line is structured: in the JSON log format it carries ``event: refused``,
+``reason``, ``serial``, ``kid``, ``remote`` and ``detail`` as fields. Nothing
+secret is known here (a kid travels in clear on the wire).
+"""
 
 from __future__ import annotations
 
@@ -30,13 +35,24 @@ class Refusals:
         self, reason: str, *, remote: object = None, kid: bytes | None = None, serial: str | None = None, detail: str = ""
     ) -> None:
         self.counts[reason] += 1
+        kid_hex = kid.hex() if kid is not None else None
+        where = str(remote) if remote is not None else None
         _LOGGER.warning(
             "refused reason=%s serial=%s kid=%s remote=%s%s",
             reason,
             serial or "-",
-            kid.hex() if kid is not None else "-",
-            remote if remote is not None else "-",
+            kid_hex or "-",
+            where or "-",
             f" detail={detail}" if detail else "",
+            # The same facts as fields, for the JSON log format (driver_core/logs.py).
+            extra={
+                "event": "refused",
+                "reason": reason,
+                "serial": serial,
+                "kid": kid_hex,
+                "remote": where,
+                "detail": detail or None,
+            },
         )
 
 

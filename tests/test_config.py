@@ -51,11 +51,12 @@ def expected_defaults(config_dir: Path, integrations: dict) -> CoreConfig:
         config_dir=config_dir,
         coap={"host": "::", "port": 5683, "max_payload": 1024, "context_cache_size": 100000},
         database={"url": f"sqlite+aiosqlite:///{config_dir}/coap-driver.db"},
-        logger={"default": "INFO", "logs": {}},
+        logger={"default": "INFO", "format": "text", "logs": {}},
         http={"host": "127.0.0.1", "port": 8080},
         retention={"uplinks_days": 30, "downlinks_days": 30},
         devices={"tx_interval": 60, "grace_minutes": 15},
         downlinks={"ack_timeout": 300, "max_pending": 100},
+        fota={"stall_minutes": 30},
         integrations=integrations,
     )
 
@@ -147,6 +148,7 @@ def test_all_keys_set(tmp_path: Path) -> None:
     assert config.http == {"host": "::1", "port": 9000}
     assert config.logger == {
         "default": "WARNING",
+        "format": "text",
         "logs": {"driver_core.coap_server": "DEBUG", "aiocoap": "CRITICAL"},
     }
     assert config.retention == {"uplinks_days": 7, "downlinks_days": 90}
@@ -245,7 +247,7 @@ def test_include_relative_to_the_including_file(tmp_path: Path) -> None:
     config = load_configuration(tmp_path, SCHEMAS)
     assert config.integrations["mqtt"]["qos"] == 2
     assert config.integrations["mqtt"]["external"] is True
-    assert config.logger == {"default": "DEBUG", "logs": {}}
+    assert config.logger == {"default": "DEBUG", "format": "text", "logs": {}}
 
 
 def test_error_inside_included_file_points_there(tmp_path: Path) -> None:
@@ -354,7 +356,7 @@ BAD_INPUT = [
     pytest.param(
         "coap:\n  port: 5683\nmqqt:\n  qos: 1\n",
         "3: mqqt: unknown section (valid sections: callbacks, coap, database, devices, downlinks, "
-        "http, logger, mqtt, retention)",
+        "fota, http, logger, mqtt, retention)",
         id="unknown-section",
     ),
     pytest.param("coap: 5683\n", "1: coap: expected a mapping (key: value lines)", id="not-map"),
@@ -422,7 +424,7 @@ BAD_INPUT = [
     pytest.param(
         "coap:\n  port: 1\nhttp:\n  port: 99999\ncoap2: 1\n",
         "5: coap2: unknown section (valid sections: callbacks, coap, database, devices, downlinks, "
-        "http, logger, mqtt, retention)",
+        "fota, http, logger, mqtt, retention)",
         id="unknown-section-reported-first",
     ),
 ]
@@ -455,7 +457,7 @@ def test_section_of_unknown_integration_lists_installed_ones(tmp_path: Path) -> 
     cfg = write(tmp_path, "mqtt:\n")
     assert error_of(tmp_path, {}) == (
         f"{cfg}:1: mqtt: unknown section (valid sections: coap, database, devices, downlinks, "
-        "http, logger, retention)"
+        "fota, http, logger, retention)"
     )
 
 

@@ -436,6 +436,11 @@ def test_defaults() -> None:
         "status_topic": "coap-driver/status",
         "builtin_host": "127.0.0.1",
         "builtin_port": 1883,
+        "builtin_anonymous": True,
+        "builtin_app_topics": "homeassistant/status",
+        "builtin_tls_port": 0,
+        "builtin_tls_certfile": "",
+        "builtin_tls_keyfile": "",
         "downlink_status_topic": "application/COAP/device/{{serial}}/downlink/status",
         "downlink_command_topic": "application/COAP/device/{{serial}}/downlink",
     }

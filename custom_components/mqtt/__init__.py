@@ -15,6 +15,11 @@ Interface used by the driver core:
     integration.downlink_status -> {"subscribed", "subscription_error", "status_waiting",
         "status_published", "commands_accepted", "commands_rejected", "commands_ignored",
         "reports_published"}
+
+Interface for other integrations sharing the connection (homeassistant):
+    await integration.publish(topic, payload, qos=1, retain=False)  # MqttError if not connected
+    remove = integration.subscribe(topic_filter, callback)  # callback(topic, payload, retain)
+    remove = integration.add_connect_listener(listener)  # after every (re)connection
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from driver_core.events import EVENT_DOWNLINK_STATE, EVENT_UPLINK
 from driver_core.integration_base import WatchableStatus
 from driver_core.timefmt import utcnow
 
+from .builtin import credential_store, make_broker, own_credentials, ports, wanted_ports
 from .commands import CommandReceiver, Refusal
 from .config_flow import (
     BROKER_BUILTIN,
@@ -44,6 +50,7 @@ from .config_flow import (
 from .connection import (
     OFFLINE,
     ONLINE,
+    builtin_key,
     connection_key,
     describe_error,
     endpoint,
@@ -67,6 +74,8 @@ __all__ = [
 
 _LOGGER = logging.getLogger(__name__)
 
+MessageCallback = Callable[[str, bytes, bool], None]
+
 DOMAIN = "mqtt"
 WINDOW = 100  # publishes awaiting their acknowledgement at once
 BACKOFF_MIN_S = 0.5
@@ -75,7 +84,8 @@ STOP_TIMEOUT_S = 8.0
 STATUS_PUBLISH_TIMEOUT_S = 2.0
 SUBSCRIBE_TIMEOUT_S = 10.0
 REPORT_WINDOW = 20  # refusal reports awaiting their acknowledgement at once
-INFLIGHT = WINDOW + STATUS_BATCH + REPORT_WINDOW  # so status traffic never queues uplinks
+SHARED_WINDOW = 50  # publishes of other integrations (publish()) awaiting their acknowledgement
+INFLIGHT = WINDOW + STATUS_BATCH + REPORT_WINDOW + SHARED_WINDOW  # status never queues uplinks
 
 
 async def async_setup(driver: Any, settings: dict[str, Any] | None) -> MqttIntegration:
@@ -94,6 +104,8 @@ class MqttIntegration(WatchableStatus):
         self._settings = settings
         self._client_id = new_client_id(settings)
         self._broker: BuiltinBroker | None = None
+        self._broker_key: tuple[Any, ...] | None = None
+        self._credentials = None  # the built-in broker's users (CredentialStore), once started
         self._publisher = OutboxPublisher(
             Outbox(driver.db),
             TopicTemplate(settings["uplink_topic"]),
@@ -133,6 +145,11 @@ class MqttIntegration(WatchableStatus):
         self._reports: set[asyncio.Task[None]] = set()
         self._report_slots = asyncio.Semaphore(REPORT_WINDOW)
         self.reports_published = 0
+        # Other integrations (homeassistant) sharing this connection: see publish()/subscribe().
+        self._shared_filters: dict[str, list[MessageCallback]] = {}
+        self._connect_listeners: list[Callable[[], None]] = []
+        self._session_ready = False  # connected, subscribed, connect listeners called
+        self._shared_tasks: set[asyncio.Task[None]] = set()
 
     # ---- status ------------------------------------------------------------------
 
@@ -237,12 +254,10 @@ class MqttIntegration(WatchableStatus):
         """Reconnect with `new`, starting or stopping the built-in broker as needed."""
         want_builtin = new["broker"] == BROKER_BUILTIN
         same_broker = (
-            self._broker is not None
-            and want_builtin
-            and (self._broker.host, self._broker.port) == (new["builtin_host"], new["builtin_port"])
+            self._broker is not None and want_builtin and self._broker_key == builtin_key(new)
         )
         port_reused = (
-            self._broker is not None and want_builtin and self._broker.port == new["builtin_port"]
+            self._broker is not None and want_builtin and bool(ports(self._broker) & wanted_ports(new))
         )
         fresh: BuiltinBroker | None = None
         if want_builtin and not same_broker and not port_reused:
@@ -268,16 +283,18 @@ class MqttIntegration(WatchableStatus):
         self._start_runner()
 
     async def _start_builtin(self, settings: dict[str, Any]) -> BuiltinBroker:
-        broker = BuiltinBroker(settings["builtin_host"], settings["builtin_port"])
         try:
+            self._credentials = credential_store(self._driver)
+            broker = make_broker(self._credentials, settings, lambda: self._settings)
             await broker.start()
         except BrokerError as exc:
             self._report_error(str(exc))
             raise
+        self._broker_key = builtin_key(settings)
         return broker
 
     def _on_uplink(self, uplink: Any) -> None:
-        self._publisher.notify()
+        self._publisher.notify(uplink)
         self._changed()
 
     def _on_downlink_state(self, event: Any) -> None:
@@ -312,7 +329,8 @@ class MqttIntegration(WatchableStatus):
         backoff = BACKOFF_MIN_S
         while not stop.is_set():
             try:
-                async with make_client(settings, self._client_id, INFLIGHT) as client:
+                credentials = own_credentials(self._credentials, settings)
+                async with make_client(settings, self._client_id, INFLIGHT, credentials) as client:
                     self._connected = True
                     self._last_error = None
                     self._changed()
@@ -346,6 +364,11 @@ class MqttIntegration(WatchableStatus):
         self._client = client
         try:
             await self._sync_subscription(on_connect=True)
+            for topic_filter in list(self._shared_filters):
+                await client.subscribe(topic_filter, qos=1, timeout=SUBSCRIBE_TIMEOUT_S)
+            self._session_ready = True
+            for listener in list(self._connect_listeners):
+                self._call_listener(listener)
             publishing = asyncio.create_task(self._publisher.run(client, stop))
             statuses = asyncio.create_task(self._status.run(client, stop))
             receiving = asyncio.create_task(self._receive(client))
@@ -360,6 +383,7 @@ class MqttIntegration(WatchableStatus):
                 results = await asyncio.gather(*tasks, *self._reports, return_exceptions=True)
         finally:
             self._client = None
+            self._session_ready = False
             self._subscribed = None
             self._changed()
         for result in results:
@@ -419,14 +443,16 @@ class MqttIntegration(WatchableStatus):
     async def _receive(self, client: aiomqtt.Client) -> None:
         """Handle command messages until the connection drops (then raise MqttError)."""
         async for message in client.messages:
-            receiver = self._receiver
-            if receiver is None:
-                continue
             payload = message.payload
             if isinstance(payload, str):
                 payload = payload.encode()
             elif not isinstance(payload, bytes | bytearray):
                 payload = b"" if payload is None else str(payload).encode()
+            if self._shared_filters:
+                self._deliver_shared(message.topic, bytes(payload), message.retain)
+            receiver = self._receiver
+            if receiver is None:
+                continue
             try:
                 refusal = await receiver.handle(str(message.topic), bytes(payload), message.retain)
                 if refusal is not None:
@@ -459,3 +485,93 @@ class MqttIntegration(WatchableStatus):
             self._changed()
         finally:
             self._report_slots.release()
+
+    # ---- the connection shared with other integrations ------------------------------
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Publish on the current connection (for other integrations, e.g. homeassistant).
+
+        Raises aiomqtt.MqttError when there is no connection or it fails before the
+        broker's acknowledgement: the caller publishes again after the next connect
+        (see add_connect_listener).
+        """
+        client = self._client
+        if client is None:
+            raise aiomqtt.MqttError("not connected to the MQTT broker")
+        await client.publish(topic, payload, qos=qos, retain=retain, timeout=SUBSCRIBE_TIMEOUT_S)
+
+    def add_connect_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener()` after every (re)connection (the broker may be a new one), and at
+        once when a connection is already up.
+
+        Returns a function removing the listener.
+        """
+        self._connect_listeners.append(listener)
+        if self._session_ready:
+            self._call_listener(listener)
+
+        def remove() -> None:
+            if listener in self._connect_listeners:
+                self._connect_listeners.remove(listener)
+
+        return remove
+
+    @staticmethod
+    def _call_listener(listener: Callable[[], None]) -> None:
+        try:
+            listener()
+        except Exception:
+            _LOGGER.exception("MQTT: a connect listener failed")
+
+    def subscribe(self, topic_filter: str, callback: MessageCallback) -> Callable[[], None]:
+        """Deliver messages matching `topic_filter` to `callback(topic, payload, retain)`.
+
+        The subscription (QoS 1) survives reconnects and broker switches. The
+        callback runs in the receiving task: it must be quick and must not raise.
+        Returns a function removing the subscription.
+        """
+        callbacks = self._shared_filters.setdefault(topic_filter, [])
+        callbacks.append(callback)
+        if len(callbacks) == 1:
+            self._shared_change(topic_filter, subscribe=True)
+
+        def remove() -> None:
+            current = self._shared_filters.get(topic_filter, [])
+            if callback in current:
+                current.remove(callback)
+            if not current and topic_filter in self._shared_filters:
+                del self._shared_filters[topic_filter]
+                self._shared_change(topic_filter, subscribe=False)
+
+        return remove
+
+    def _shared_change(self, topic_filter: str, subscribe: bool) -> None:
+        """(Un)subscribe on the live connection; the next connection does it anyway."""
+        client = self._client
+        if client is None:
+            return
+
+        async def change() -> None:
+            try:
+                if subscribe:
+                    await client.subscribe(topic_filter, qos=1, timeout=SUBSCRIBE_TIMEOUT_S)
+                else:
+                    await client.unsubscribe(topic_filter, timeout=SUBSCRIBE_TIMEOUT_S)
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                _LOGGER.warning("MQTT: cannot change the subscription to %s now: %s", topic_filter, exc)
+
+        task = asyncio.create_task(change())
+        self._shared_tasks.add(task)
+        task.add_done_callback(self._shared_tasks.discard)
+
+    def _deliver_shared(self, topic: aiomqtt.Topic, payload: bytes, retain: bool) -> None:
+        for topic_filter, callbacks in list(self._shared_filters.items()):
+            if not topic.matches(topic_filter):
+                continue
+            for callback in list(callbacks):
+                try:
+                    callback(str(topic), payload, retain)
+                except Exception:
+                    _LOGGER.exception("MQTT: a subscriber of %s failed", topic_filter)

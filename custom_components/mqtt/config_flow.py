@@ -32,6 +32,7 @@ DEFAULT_STATUS_TOPIC = "coap-driver/status"
 BROKER_BUILTIN = "builtin"
 BROKER_EXTERNAL = "external"
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+DEFAULT_APP_TOPICS = "homeassistant/status"
 
 _form = form_field
 
@@ -93,6 +94,24 @@ def topic_name(value: Any) -> str:
         return check_topic_name(_text(value))
     except ValueError as exc:
         raise vol.Invalid(str(exc)) from None
+
+
+def topic_filters(value: Any) -> str:
+    """Comma-separated MQTT topic filters (``+`` and ``#`` allowed where MQTT allows them)."""
+    text = _text(value)
+    for item in split_filters(text):
+        levels = item.split("/")
+        if any(("#" in level and (level != "#" or i != len(levels) - 1)) for i, level in enumerate(levels)):
+            raise vol.Invalid(f"{item!r}: # must be a whole level, the last one")
+        if any("+" in level and level != "+" for level in levels):
+            raise vol.Invalid(f"{item!r}: + must be a whole level")
+        if item.startswith("$"):
+            raise vol.Invalid(f"{item!r}: topics starting with $ are reserved for the broker")
+    return text
+
+
+def split_filters(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 _PORT = vol.All(
@@ -202,6 +221,48 @@ SETTINGS_SCHEMA = vol.Schema(
             default=1883,
             description=_form("Built-in broker port", "TCP port of the built-in broker"),
         ): _PORT,
+        vol.Optional(
+            "builtin_anonymous",
+            default=True,
+            description=_form(
+                "Anonymous clients on localhost",
+                "Let clients without credentials read (and send commands) when the built-in "
+                "broker listens on 127.0.0.1 or ::1 only; any other address always requires "
+                "the broker credentials",
+            ),
+        ): vol.Boolean(msg="expected true or false"),
+        vol.Optional(
+            "builtin_app_topics",
+            default=DEFAULT_APP_TOPICS,
+            description=_form(
+                "Topics applications may publish",
+                "Besides the downlink command topic, comma-separated topic filters that "
+                "application users of the built-in broker may publish on",
+            ),
+        ): topic_filters,
+        vol.Optional(
+            "builtin_tls_port",
+            default=0,
+            description=_form(
+                "Built-in broker TLS port", "Port of a TLS listener (e.g. 8883); 0 = none"
+            ),
+        ): vol.All(
+            vol.Coerce(int, msg="expected a port number"),
+            vol.Range(min=0, max=65535, msg="the port must be between 0 (none) and 65535"),
+        ),
+        vol.Optional(
+            "builtin_tls_certfile",
+            default="",
+            description=_form(
+                "TLS certificate file",
+                "PEM certificate (chain) of the built-in broker's TLS listener",
+            ),
+        ): _text,
+        vol.Optional(
+            "builtin_tls_keyfile",
+            default="",
+            description=_form("TLS key file", "PEM private key of that certificate"),
+        ): _text,
     }
 )
 
@@ -213,6 +274,29 @@ def schema_errors(exc: vol.MultipleInvalid) -> dict[str, str]:
         field = str(error.path[0]) if error.path else "base"
         errors.setdefault(field, error.msg)
     return errors
+
+
+def _check_builtin_tls(data: dict[str, Any]) -> dict[str, str]:
+    """The TLS listener needs a distinct port and a certificate that loads with its key."""
+    if not data["builtin_tls_port"]:
+        return {}
+    if data["builtin_tls_port"] == data["builtin_port"]:
+        return {"builtin_tls_port": "the TLS port must differ from the built-in broker port"}
+    errors = {}
+    for field in ("builtin_tls_certfile", "builtin_tls_keyfile"):
+        if not data[field]:
+            errors[field] = "required for the TLS listener"
+        elif not Path(data[field]).is_file():
+            errors[field] = f"file not found: {data[field]}"
+    if errors:
+        return errors
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            data["builtin_tls_certfile"], data["builtin_tls_keyfile"]
+        )
+    except (OSError, ssl.SSLError) as exc:
+        return {"builtin_tls_certfile": f"cannot load this certificate with the key file: {exc}"}
+    return {}
 
 
 def _check_ca_file(path: str) -> str | None:
@@ -242,6 +326,7 @@ async def async_validate(settings: dict[str, Any] | None) -> dict[str, str]:
         problem = await asyncio.to_thread(_check_ca_file, data["tls_ca_file"])
         if problem:
             errors["tls_ca_file"] = problem
+    errors.update(await asyncio.to_thread(_check_builtin_tls, data))
     if data["password"] and not data["username"]:
         errors["username"] = "a password is set but the username is empty"
     problem = _own_topic_as_command(data)

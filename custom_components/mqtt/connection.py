@@ -55,9 +55,20 @@ def connection_key(settings: dict[str, Any]) -> tuple[Any, ...]:
         settings[key]
         for key in (
             "broker", "url", "username", "password", "tls_ca_file", "tls_insecure",
-            "client_id", "status_topic", "builtin_host", "builtin_port",
+            "client_id", "status_topic", *BUILTIN_KEYS,
         )
     )
+
+
+# Settings the built-in broker is started with: a change restarts it.
+BUILTIN_KEYS = (
+    "builtin_host", "builtin_port", "builtin_anonymous",
+    "builtin_tls_port", "builtin_tls_certfile", "builtin_tls_keyfile",
+)
+
+
+def builtin_key(settings: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(settings[key] for key in BUILTIN_KEYS)
 
 
 def tls_context(settings: dict[str, Any]) -> ssl.SSLContext:
@@ -78,13 +89,21 @@ class ConnectionSetupError(Exception):
     """The settings do not allow even trying to connect."""
 
 
-def make_client(settings: dict[str, Any], client_id: str, window: int) -> aiomqtt.Client:
+def make_client(
+    settings: dict[str, Any],
+    client_id: str,
+    window: int,
+    credentials: tuple[str, str] | None = None,
+) -> aiomqtt.Client:
+    """A client for the broker of `settings`; `credentials` (the driver's own user on the
+    built-in broker) replace the username and password settings."""
     target = endpoint(settings)
+    username, password = credentials or (settings["username"], settings["password"])
     client = aiomqtt.Client(
         target.host,
         target.port,
-        username=settings["username"] or None,
-        password=settings["password"] or None,
+        username=username or None,
+        password=password or None,
         identifier=client_id,
         logger=PAHO_LOGGER,
         will=aiomqtt.Will(settings["status_topic"], OFFLINE, qos=1, retain=True),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -166,6 +167,8 @@ class Database:
         # SQLite only: a synchronous engine used from one writer thread (see run_write).
         self._sync_engine: Engine | None = None
         self._writer_thread: ThreadPoolExecutor | None = None
+        # Called with the seconds each run_write took (the metrics' write latency).
+        self.write_observer: Callable[[float], None] | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -193,7 +196,9 @@ class Database:
             _check_sqlite_location(url, shown)
         elif "timeout" not in url.query:
             kwargs["connect_args"] = {"timeout": _PG_CONNECT_TIMEOUT_S}
-        engine = create_async_engine(url, **kwargs)
+        # Statement parameters carry settings (broker passwords) and device data: never
+        # in SQLAlchemy's log lines or error messages.
+        engine = create_async_engine(url, hide_parameters=True, **kwargs)
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         try:
@@ -213,7 +218,7 @@ class Database:
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         if engine.dialect.name == "sqlite":
-            self._sync_engine = create_engine(url.set(drivername="sqlite"))
+            self._sync_engine = create_engine(url.set(drivername="sqlite"), hide_parameters=True)
             event.listen(self._sync_engine, "connect", _sqlite_pragmas)
             self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
 
@@ -237,12 +242,17 @@ class Database:
         runs in one dedicated thread, so a batch costs one hop. PostgreSQL's
         driver is natively async: the work runs in the loop through run_sync.
         """
-        if self._sync_engine is not None and self._writer_thread is not None:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._writer_thread, self._run_sync, work
-            )
-        async with self.session() as session, session.begin():
-            return await session.run_sync(work)
+        started = time.perf_counter()
+        try:
+            if self._sync_engine is not None and self._writer_thread is not None:
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._writer_thread, self._run_sync, work
+                )
+            async with self.session() as session, session.begin():
+                return await session.run_sync(work)
+        finally:
+            if self.write_observer is not None:
+                self.write_observer(time.perf_counter() - started)
 
     def _run_sync(self, work: Callable[[Session], T]) -> T:
         assert self._sync_engine is not None

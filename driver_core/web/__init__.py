@@ -15,6 +15,7 @@ from aiohttp import web
 
 from . import (
     pages_auth,
+    pages_charts,
     pages_devices,
     pages_enrollment,
     pages_integrations,
@@ -48,7 +49,8 @@ def setup_web(app: web.Application, driver: Driver) -> WebContext:
     app[WEB] = context
     app.middlewares.append(web_pages)
     for module in (
-        pages_auth, pages_devices, pages_enrollment, pages_integrations, pages_tokens, pages_status
+        pages_auth, pages_devices, pages_charts, pages_enrollment, pages_integrations, pages_tokens,
+        pages_status,
     ):
         app.router.add_routes(module.routes)
     app.router.add_static("/static/", STATIC, name="static")

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from driver_core.broker_access import CredentialsError, CredentialStore, is_loopback
 from driver_core.integration_base import SettingsError
 
 from . import forms
@@ -80,7 +81,31 @@ def _render(
         running=domain in driver(request).integrations.running,
         status_info=_status(request, domain),
         clear_suffix=forms.CLEAR_SUFFIX,
+        broker_access=_broker_access(request, domain),
     )
+
+
+def _broker_access(request: web.Request, domain: str) -> dict[str, Any] | None:
+    """Users and passwords of the built-in MQTT broker, for the MQTT page (logged-in admins)."""
+    if domain != "mqtt":
+        return None
+    settings = _current(request, domain)
+    if settings.get("broker") != "builtin":
+        return None
+    the_driver = driver(request)
+    store = CredentialStore(the_driver.config_dir, the_driver.box)
+    try:
+        users = store.shown()
+    except CredentialsError as exc:
+        return {"error": str(exc), "users": []}
+    host = settings.get("builtin_host", "127.0.0.1")
+    return {
+        "users": users,
+        "address": f"{host}:{settings.get('builtin_port')}",
+        "tls_port": settings.get("builtin_tls_port") or None,
+        "anonymous": bool(settings.get("builtin_anonymous")) and is_loopback(host),
+        "error": None,
+    }
 
 
 @routes.get("/integrations/{domain}")
