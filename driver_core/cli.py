@@ -33,6 +33,8 @@ from .enrollment import (
     write_devices_csv,
 )
 from .family import FamilyError
+from .fota import cli as firmware_cli
+from .fota.library import FirmwareError
 from .integrations import SettingsError
 from .simulator import Simulator, demo_devices
 from .storage.db import DatabaseError
@@ -52,6 +54,7 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (
     StartupError,
     TokenError,
     UserError,
+    FirmwareError,
     *ops_cli.ERRORS,
 )
 DEMO_CSV = "demo-devices.csv"
@@ -210,6 +213,51 @@ async def cmd_user_remove(args: argparse.Namespace) -> int:
         print(f"no user named {args.username!r}", file=sys.stderr)
         return 1
     print(f"removed {args.username}")
+    return 0
+
+
+async def cmd_firmware_upload(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (driver, db, _box):
+        print(
+            await firmware_cli.upload_firmware(
+                db, driver.config_dir, Path(args.file), hw_type=args.hw_type, version=args.version,
+                release_notes=args.notes, hw_types=driver.families.keys(),
+            )
+        )
+    return 0
+
+
+async def cmd_firmware_list(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (_driver, db, _box):
+        for line in await firmware_cli.list_firmware(db, args.hw_type):
+            print(line)
+    return 0
+
+
+async def cmd_firmware_target(args: argparse.Namespace) -> int:
+    version = None if args.clear else args.version
+    if version is None and not args.clear:
+        raise FirmwareError(400, "invalid_field", "give a version or --clear", "version")
+    if (args.hw_type is None) == (args.serial is None):
+        raise FirmwareError(400, "invalid_field", "give exactly one of --hw-type or --serial", "hw_type")
+    async with _storage(args.config) as (_driver, db, _box):
+        print(await firmware_cli.set_firmware_target(db, version, hw_type=args.hw_type, serial=args.serial))
+    return 0
+
+
+async def cmd_firmware_delete(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (driver, db, _box):
+        print(await firmware_cli.delete_firmware(db, driver.config_dir, args.hw_type, args.version))
+    return 0
+
+
+async def cmd_firmware_status(args: argparse.Namespace) -> int:
+    async with _storage(args.config) as (_driver, db, _box):
+        lines = await firmware_cli.firmware_status(
+            db, serial=args.serial, hw_type=args.hw_type, version=args.version
+        )
+    for line in lines:
+        print(line)
     return 0
 
 
@@ -375,6 +423,33 @@ def build_parser() -> argparse.ArgumentParser:
     urem = user_commands.add_parser("remove", help="delete a user")
     urem.add_argument("username")
     urem.set_defaults(func=cmd_user_remove)
+
+    firmware = commands.add_parser("firmware", help="firmware library and over-the-air updates")
+    fw = firmware.add_subparsers(dest="firmware_command", required=True)
+    up = fw.add_parser("upload", help="add an image to the library")
+    up.add_argument("file")
+    up.add_argument("--hw-type", type=int, required=True)
+    up.add_argument("--version", required=True)
+    up.add_argument("--notes", help="release notes")
+    up.set_defaults(func=cmd_firmware_upload)
+    ls = fw.add_parser("list", help="list images")
+    ls.add_argument("--hw-type", type=int)
+    ls.set_defaults(func=cmd_firmware_list)
+    tg = fw.add_parser("target", help="make a version the target of a hw_type or a device")
+    tg.add_argument("version", nargs="?")
+    tg.add_argument("--hw-type", type=int)
+    tg.add_argument("--serial")
+    tg.add_argument("--clear", action="store_true", help="remove the target")
+    tg.set_defaults(func=cmd_firmware_target)
+    rm = fw.add_parser("delete", help="delete an image (refused while devices download it)")
+    rm.add_argument("--hw-type", type=int, required=True)
+    rm.add_argument("--version", required=True)
+    rm.set_defaults(func=cmd_firmware_delete)
+    st = fw.add_parser("status", help="a device's update, or an image's campaign")
+    st.add_argument("--serial")
+    st.add_argument("--hw-type", type=int)
+    st.add_argument("--version")
+    st.set_defaults(func=cmd_firmware_status)
 
     integ = commands.add_parser("integration", help="show or change an integration's settings")
     integ_commands = integ.add_subparsers(dest="integration_command", required=True)

@@ -110,3 +110,25 @@ def test_user_add_list_remove(tmp_path: Path):
     assert run_cli("--config", str(config), "user", "remove", "ops", cwd=tmp_path).returncode == 0
     missing = run_cli("--config", str(config), "user", "remove", "ops", cwd=tmp_path)
     assert (missing.returncode, missing.stderr) == (1, "no user named 'ops'\n")
+
+
+def test_firmware_upload_target_list_and_refusals(tmp_path: Path):
+    config = tmp_path / "config"
+    image = tmp_path / "fw.bin"
+    image.write_bytes(bytes(range(256)) * 8)
+    uploaded = run_cli(
+        "--config", str(config), "firmware", "upload", str(image), "--hw-type", "17", "--version", "2.0.0",
+        cwd=tmp_path,
+    )
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert uploaded.stdout.startswith("uploaded 2.0.0 for hw_type 17: 2048 bytes, sha256 ")
+    bad = run_cli(
+        "--config", str(config), "firmware", "upload", str(image), "--hw-type", "99", "--version", "2.0.1",
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("coap-driver: hw_type must be one of: ")
+    targeted = run_cli("--config", str(config), "firmware", "target", "2.0.0", "--hw-type", "17", cwd=tmp_path)
+    assert targeted.stdout == "hw_type 17: firmware target is now 2.0.0\n"
+    listed = run_cli("--config", str(config), "firmware", "list", cwd=tmp_path)
+    assert listed.stdout.splitlines()[1].split()[:3] == ["17", "2.0.0", "2048"]
+    assert listed.stdout.splitlines()[1].endswith("hw_type")
