@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+import voluptuous as vol
 
 
 class SettingsError(Exception):
@@ -14,6 +16,28 @@ class SettingsError(Exception):
         self.errors = errors
         prefix = f"{domain}." if domain else ""
         super().__init__("; ".join(f"{prefix}{field}: {msg}" for field, msg in errors.items()))
+
+
+def schema_errors(exc: vol.Invalid) -> dict[str, str]:
+    """voluptuous errors as field -> message (the first message per top-level field)."""
+    errors: dict[str, str] = {}
+    for error in exc.errors if isinstance(exc, vol.MultipleInvalid) else [exc]:
+        field = str(error.path[0]) if error.path else "base"
+        errors.setdefault(field, error.msg)
+    return errors
+
+
+async def validated_settings(
+    settings: dict[str, Any] | None,
+    schema: vol.Schema,
+    validate: Callable[[dict[str, Any] | None], Awaitable[dict[str, str]]],
+    domain: str,
+) -> dict[str, Any]:
+    """`settings` with defaults applied, or SettingsError listing every problem `validate` finds."""
+    errors = await validate(settings)
+    if errors:
+        raise SettingsError(errors, domain)
+    return schema(dict(settings or {}))
 
 
 def form_field(label: str, help_text: str, **extra: Any) -> dict[str, Any]:

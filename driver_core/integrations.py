@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import voluptuous as vol
 from sqlalchemy import func, select
 
-from .integration_base import SettingsError
+from .integration_base import SettingsError, schema_errors
 from .storage.models import IntegrationSettings
 from .tasks import cancel_and_wait
 from .timefmt import utcnow
@@ -28,11 +28,6 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 POLL_SECONDS = 2.0
-
-
-def voluptuous_errors(exc: vol.Invalid) -> dict[str, str]:
-    errors = exc.errors if isinstance(exc, vol.MultipleInvalid) else [exc]
-    return {".".join(str(p) for p in error.path) or "_": error.msg for error in errors}
 
 
 def dependency_order(modules: Mapping[str, ModuleType]) -> dict[str, ModuleType]:
@@ -121,7 +116,7 @@ class IntegrationManager:
         try:
             validated = self.schema(domain)(merged)
         except vol.Invalid as exc:
-            raise SettingsError(voluptuous_errors(exc)) from None
+            raise SettingsError(schema_errors(exc)) from None
         check = getattr(self.modules[domain].config_flow, "async_validate", None)
         if check is not None:
             errors = await check(validated)

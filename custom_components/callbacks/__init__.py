@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from driver_core.events import EVENT_DOWNLINK_STATE
-from driver_core.integration_base import WatchableStatus
+from driver_core.integration_base import SettingsError, WatchableStatus
 
-from .config_flow import DOMAIN, SETTINGS_SCHEMA, SettingsError, async_validate, async_validated
+from .config_flow import DOMAIN, SETTINGS_SCHEMA, async_validate, async_validated
 from .delivery import CallbackDelivery
 from .sender import SIGNATURE_HEADER, TIMESTAMP_HEADER, callback_body, signature
 from .store import CallbackStore

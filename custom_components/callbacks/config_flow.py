@@ -14,7 +14,11 @@ from typing import Any
 
 import voluptuous as vol
 
-from driver_core.integration_base import SettingsError, form_field
+from driver_core.integration_base import (
+    form_field,
+    schema_errors,
+    validated_settings,
+)
 
 JITTER_FULL = "full"
 JITTER_NONE = "none"
@@ -143,15 +147,6 @@ SETTINGS_SCHEMA = vol.Schema(
 )
 
 
-def schema_errors(exc: vol.MultipleInvalid) -> dict[str, str]:
-    """voluptuous errors as field -> message (first message per field)."""
-    errors: dict[str, str] = {}
-    for error in exc.errors:
-        field = str(error.path[0]) if error.path else "base"
-        errors.setdefault(field, error.msg)
-    return errors
-
-
 async def async_validate(settings: dict[str, Any] | None) -> dict[str, str]:
     """Every problem with `settings` (raw or already validated) as field -> message."""
     try:
@@ -169,7 +164,4 @@ async def async_validate(settings: dict[str, Any] | None) -> dict[str, str]:
 
 async def async_validated(settings: dict[str, Any] | None) -> dict[str, Any]:
     """`settings` with defaults applied, or SettingsError listing every problem."""
-    errors = await async_validate(settings)
-    if errors:
-        raise SettingsError(errors, DOMAIN)
-    return SETTINGS_SCHEMA(dict(settings or {}))
+    return await validated_settings(settings, SETTINGS_SCHEMA, async_validate, DOMAIN)

@@ -38,12 +38,12 @@ from typing import Any
 
 from driver_core.downlinks import ACKNOWLEDGED, DownlinkStateEvent
 from driver_core.events import EVENT_DOWNLINK_STATE, EVENT_UPLINK
-from driver_core.integration_base import WatchableStatus
+from driver_core.integration_base import SettingsError, WatchableStatus
 from driver_core.tasks import cancel_and_wait
 from driver_core.timefmt import utcnow
 from driver_core.uplink import Uplink
 
-from .config_flow import DOMAIN, SETTINGS_SCHEMA, SettingsError, async_validate, async_validated
+from .config_flow import DOMAIN, SETTINGS_SCHEMA, async_validate, async_validated
 from .discovery import DeviceDiscovery, DeviceRecord, Driver, Topics, load_valves
 from .fleet import (
     PAGE,
