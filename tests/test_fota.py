@@ -23,8 +23,8 @@ from driver_core.driver import Driver
 from driver_core.enrollment import DeviceInput, add_device
 from driver_core.events import EVENT_FOTA_STATE
 from driver_core.fota import FotaService, library, start_fota, stop_fota
-from driver_core.response_cache import ResponseCache
 from driver_core.fota.models import FirmwareUpdate
+from driver_core.response_cache import ResponseCache
 from driver_core.simulator import SimulatedDevice
 from driver_core.storage.db import Database
 from driver_core.storage.models import Device
