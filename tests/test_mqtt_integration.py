@@ -16,11 +16,11 @@ import voluptuous as vol
 from custom_components.mqtt import MqttIntegration, async_setup
 from custom_components.mqtt.config_flow import (
     SETTINGS_SCHEMA,
-    SettingsError,
     async_validate,
 )
 from driver_core.broker import BrokerError
 from driver_core.components import builtin_components_dir, import_integration, read_manifest
+from driver_core.integration_base import SettingsError
 from driver_core.storage.db import Database
 from driver_core.storage.models import OutboxMessage
 from driver_core.timefmt import utcnow
@@ -442,6 +442,7 @@ def test_defaults() -> None:
         "builtin_tls_certfile": "",
         "builtin_tls_keyfile": "",
         "downlink_status_topic": "application/COAP/device/{{serial}}/downlink/status",
+        "fota_status_topic": "application/COAP/device/{{serial}}/fota/status",
         "downlink_command_topic": "application/COAP/device/{{serial}}/downlink",
     }
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 from collections.abc import Callable
@@ -34,8 +35,8 @@ from typing import Any
 import aiomqtt
 
 from driver_core.broker import BrokerError, BuiltinBroker
-from driver_core.events import EVENT_DOWNLINK_STATE, EVENT_UPLINK
-from driver_core.integration_base import WatchableStatus
+from driver_core.events import EVENT_DOWNLINK_STATE, EVENT_FOTA_STATE, EVENT_UPLINK
+from driver_core.integration_base import SettingsError, WatchableStatus
 from driver_core.timefmt import utcnow
 
 from .builtin import credential_store, make_broker, own_credentials, ports, wanted_ports
@@ -43,7 +44,6 @@ from .commands import CommandReceiver, Refusal
 from .config_flow import (
     BROKER_BUILTIN,
     SETTINGS_SCHEMA,
-    SettingsError,
     async_validate,
     async_validated,
 )
@@ -135,6 +135,8 @@ class MqttIntegration(WatchableStatus):
         self._runner: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._unlisteners: list[Callable[[], None]] = []
+        self._fota_topic = TopicTemplate(settings["fota_status_topic"])
+        self._fota_tasks: set[asyncio.Task[None]] = set()
         self._connected = False
         self._last_error: str | None = None
         self._reload_lock = asyncio.Lock()
@@ -213,6 +215,7 @@ class MqttIntegration(WatchableStatus):
         self._unlisteners = [
             self._driver.bus.listen(EVENT_UPLINK, self._on_uplink),
             self._driver.bus.listen(EVENT_DOWNLINK_STATE, self._on_downlink_state),
+            self._driver.bus.listen(EVENT_FOTA_STATE, self._on_fota_state),
         ]
         self._start_runner()
 
@@ -220,6 +223,8 @@ class MqttIntegration(WatchableStatus):
         for unlisten in self._unlisteners:
             unlisten()
         self._unlisteners = []
+        for task in list(self._fota_tasks):
+            task.cancel()
         await self._stop_runner()
         await self._publisher.close()
         if self._broker is not None:
@@ -245,6 +250,7 @@ class MqttIntegration(WatchableStatus):
             self._publisher.qos = new["qos"]
             self._status.topic = status_topic
             self._status.qos = new["qos"]
+            self._fota_topic = TopicTemplate(new["fota_status_topic"])
             if self._receiver is not None:
                 self._receiver.topic = command_topic
             self._changed()
@@ -300,6 +306,28 @@ class MqttIntegration(WatchableStatus):
     def _on_downlink_state(self, event: Any) -> None:
         self._status.notify()
         self._changed()
+
+    def _on_fota_state(self, event: Any) -> None:
+        """A firmware update changed state or progressed: publish it (best effort, not queued).
+
+        Not kept in the outbox: a status missed while disconnected is superseded by the
+        next one, and the REST API has the current state.
+        """
+        try:
+            topic = self._fota_topic.render_for(event.serial, str(event.hw_type))
+        except (ValueError, KeyError, TypeError) as exc:
+            _LOGGER.error("Firmware status topic gives no valid topic for %s: %s", event.serial, exc)
+            return
+        payload = json.dumps(event.as_json(), separators=(",", ":")).encode()
+        task = asyncio.create_task(self._publish_fota(topic, payload))
+        self._fota_tasks.add(task)
+        task.add_done_callback(self._fota_tasks.discard)
+
+    async def _publish_fota(self, topic: str, payload: bytes) -> None:
+        try:
+            await self.publish(topic, payload, qos=self._settings["qos"], retain=False)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            _LOGGER.debug("MQTT: firmware status on %s not published: %s", topic, exc)
 
     def _start_runner(self) -> None:
         self._stop = asyncio.Event()

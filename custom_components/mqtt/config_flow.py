@@ -16,7 +16,11 @@ from urllib.parse import urlsplit
 
 import voluptuous as vol
 
-from driver_core.integration_base import SettingsError, form_field
+from driver_core.integration_base import (
+    form_field,
+    schema_errors,
+    validated_settings,
+)
 
 from .topic import (
     DEFAULT_DOWNLINK_COMMAND_TOPIC,
@@ -28,6 +32,7 @@ from .topic import (
 )
 
 DOMAIN = "mqtt"
+DEFAULT_FOTA_STATUS_TOPIC = "application/COAP/device/{{serial}}/fota/status"
 DEFAULT_STATUS_TOPIC = "coap-driver/status"
 BROKER_BUILTIN = "builtin"
 BROKER_EXTERNAL = "external"
@@ -172,6 +177,16 @@ SETTINGS_SCHEMA = vol.Schema(
             ),
         ): topic_template,
         vol.Optional(
+            "fota_status_topic",
+            default=DEFAULT_FOTA_STATUS_TOPIC,
+            description=_form(
+                "Firmware update status topic",
+                "Every state change and every 10 % of progress of a device's firmware update "
+                "is published here; {{serial}} is the device serial number ({{hw_type}} is "
+                "also available)",
+            ),
+        ): topic_template,
+        vol.Optional(
             "downlink_command_topic",
             default=DEFAULT_DOWNLINK_COMMAND_TOPIC,
             description=_form(
@@ -267,15 +282,6 @@ SETTINGS_SCHEMA = vol.Schema(
 )
 
 
-def schema_errors(exc: vol.MultipleInvalid) -> dict[str, str]:
-    """voluptuous errors as field -> message (first message per field)."""
-    errors: dict[str, str] = {}
-    for error in exc.errors:
-        field = str(error.path[0]) if error.path else "base"
-        errors.setdefault(field, error.msg)
-    return errors
-
-
 def _check_builtin_tls(data: dict[str, Any]) -> dict[str, str]:
     """The TLS listener needs a distinct port and a certificate that loads with its key."""
     if not data["builtin_tls_port"]:
@@ -337,6 +343,7 @@ async def async_validate(settings: dict[str, Any] | None) -> dict[str, str]:
 
 _OWN_TOPICS = {
     "downlink_status_topic": "downlink status topic",
+    "fota_status_topic": "firmware update status topic",
     "uplink_topic": "uplink topic",
     "status_topic": "status topic",
 }
@@ -367,7 +374,4 @@ def _own_topic_as_command(data: dict[str, Any]) -> str | None:
 
 async def async_validated(settings: dict[str, Any] | None) -> dict[str, Any]:
     """`settings` with defaults applied, or SettingsError listing every problem."""
-    errors = await async_validate(settings)
-    if errors:
-        raise SettingsError(errors, DOMAIN)
-    return SETTINGS_SCHEMA(dict(settings or {}))
+    return await validated_settings(settings, SETTINGS_SCHEMA, async_validate, DOMAIN)

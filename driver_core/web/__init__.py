@@ -18,6 +18,7 @@ from . import (
     pages_charts,
     pages_devices,
     pages_enrollment,
+    pages_firmware,
     pages_integrations,
     pages_status,
     pages_tokens,
@@ -49,7 +50,7 @@ def setup_web(app: web.Application, driver: Driver) -> WebContext:
     app[WEB] = context
     app.middlewares.append(web_pages)
     for module in (
-        pages_auth, pages_devices, pages_charts, pages_enrollment, pages_integrations, pages_tokens,
+        pages_auth, pages_devices, pages_charts, pages_enrollment, pages_firmware, pages_integrations, pages_tokens,
         pages_status,
     ):
         app.router.add_routes(module.routes)

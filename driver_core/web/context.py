@@ -35,6 +35,7 @@ WEB: web.AppKey[WebContext] = web.AppKey("web", WebContext)
 SESSION: web.RequestKey[Session] = web.RequestKey("web_session", Session)
 USER: web.RequestKey[Any] = web.RequestKey("web_user", object)
 FORM: web.RequestKey[dict] = web.RequestKey("web_form", dict)
+FILES: web.RequestKey[dict] = web.RequestKey("web_files", dict)  # file part name -> bytes
 
 
 def integration_names(modules: dict[str, Any]) -> dict[str, str]:
@@ -91,6 +92,10 @@ NOTICES = {
     "deleted": "Device {serial} deleted.",
     "saved": "Settings saved and applied.",
     "revoked": "Token {name} revoked.",
+    "uploaded": "Firmware {version} for hw_type {hw_type} uploaded.",
+    "fw_deleted": "Firmware {version} for hw_type {hw_type} deleted.",
+    "target_set": "hw_type {hw_type} now targets firmware {version}.",
+    "target_cleared": "hw_type {hw_type} has no firmware target any more.",
 }
 
 

@@ -9,14 +9,15 @@ missed. On shutdown every stream ends so the HTTP server stops at once.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from driver_core.downlinks import DownlinkStateEvent
-from driver_core.events import EVENT_DOWNLINK_STATE, EVENT_UPLINK, EventBus
+from driver_core.events import EVENT_DOWNLINK_STATE, EVENT_FOTA_STATE, EVENT_UPLINK, EventBus
 from driver_core.uplink import Uplink
 
 QUEUE_SIZE = 256
@@ -44,6 +45,7 @@ class LiveHub:
         self._unlisten: list[Callable[[], None]] = [
             bus.listen(EVENT_UPLINK, self._on_uplink),
             bus.listen(EVENT_DOWNLINK_STATE, self._on_downlink),
+            bus.listen(EVENT_FOTA_STATE, self._on_fota),
         ]
 
     def _send(self, serial: str, item: tuple[str, Any]) -> None:
@@ -56,6 +58,9 @@ class LiveHub:
 
     def _on_downlink(self, event: DownlinkStateEvent) -> None:
         self._send(event.serial, ("downlink", event.downlink))
+
+    def _on_fota(self, event: Any) -> None:  # driver_core.fota.FotaStateEvent
+        self._send(event.serial, ("fota", event))
 
     def open(self, serial: str) -> Stream:
         stream = Stream(serial)
@@ -87,9 +92,9 @@ async def serve(
     request: web.Request,
     hub: LiveHub,
     serial: str,
-    render: Callable[[str, Any], dict[str, Any] | None],
+    render: Callable[[str, Any], dict[str, Any] | None | Awaitable[dict[str, Any] | None]],
 ) -> web.StreamResponse:
-    """Stream ``render(kind, event)`` for the events of ``serial`` until the client leaves."""
+    """Stream ``render(kind, event)`` (plain or awaitable) for the events of ``serial`` until the client leaves."""
     stream = hub.open(serial)  # before the headers: nothing after "open" is missed
     response = web.StreamResponse(
         headers={
@@ -111,6 +116,8 @@ async def serve(
             if item is None:
                 break
             data = render(*item)
+            if inspect.isawaitable(data):  # e.g. the firmware status, read again on change
+                data = await data
             if data is not None:
                 await response.write(sse(item[0], data))
     except (ConnectionResetError, ConnectionError):

@@ -14,7 +14,7 @@ from aiohttp import BodyPartReader, web
 
 from driver_core.api.errors import Handler
 
-from .context import FORM, SESSION, USER, WEB, page, redirect
+from .context import FILES, FORM, SESSION, USER, WEB, page, redirect
 from .session import COOKIE, CSRF_FIELD, LIFETIME_S, Session
 from .users import count_users, get_user
 
@@ -44,8 +44,10 @@ class UploadTooLarge(Exception):
     pass
 
 
-async def read_form(request: web.Request) -> dict[str, str]:
+async def read_form(request: web.Request, files: dict[str, bytes] | None = None) -> dict[str, str]:
     """Fields of a urlencoded or multipart form as text (a file field holds the file's text).
+
+    ``files`` receives the bytes of every file part too (binary uploads: firmware images).
 
     A file larger than MAX_UPLOAD_BYTES is dropped and ``<field>__error`` says why;
     the CSRF field comes first in every form, so it is read even then.
@@ -66,6 +68,9 @@ async def read_form(request: web.Request) -> dict[str, str]:
                 continue  # drain the rest of this part
             raw.extend(chunk)
         name = part.name
+        if files is not None and part.filename and not too_large:
+            files[name] = bytes(raw)
+            fields[name + "__filename"] = part.filename
         if too_large:
             fields[name + "__error"] = (
                 f"the file is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MB; split it"
@@ -130,7 +135,8 @@ async def _gate(request: web.Request, handler: Handler) -> web.StreamResponse:
         return redirect("/login" + (f"?next={quote(wanted, safe='')}" if wanted != "/" else ""))
     if request.method == "POST":
         try:
-            request[FORM] = await read_form(request)
+            request[FILES] = {}
+            request[FORM] = await read_form(request, request[FILES])
         except web.HTTPRequestEntityTooLarge:
             return _error_page(request, 413, "Form too large", "The form sent is too large.")
         if not session.check_csrf(request[FORM].get(CSRF_FIELD)):

@@ -24,6 +24,7 @@ from .devices_view import (
     summary,
     uplink_history,
 )
+from .pages_firmware import device_firmware
 
 routes = web.RouteTableDef()
 HISTORY_PER_PAGE = 50
@@ -75,7 +76,9 @@ async def _device_page(
 
 @routes.get("/devices/{serial}")
 async def overview(request: web.Request) -> web.Response:
-    return await _device_page(request, await _device_or_404(request), "overview")
+    device = await _device_or_404(request)
+    fw = await device_firmware(driver(request), device.serial)
+    return await _device_page(request, device, "overview", fw=fw)
 
 
 @routes.get("/devices/{serial}/uplinks")
@@ -214,7 +217,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     csrf = request[SESSION].csrf
     hw_type = device.hw_type
 
-    def render(kind: str, event: Any) -> dict[str, Any] | None:
+    async def render(kind: str, event: Any) -> dict[str, Any] | None:
+        if kind == "fota":
+            fw = await device_firmware(context.driver, device.serial)
+            return {"html": str(rows.firmware_status(fw))}  # type: ignore[attr-defined]
         if kind == "uplink":
             uplink: Uplink = event
             item = {

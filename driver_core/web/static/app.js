@@ -79,5 +79,10 @@
     if (existing) existing.replaceWith(row);
     else { rows.insertBefore(row, rows.firstChild); dropEmpty(rows); }
   });
+  source.addEventListener("fota", function (event) {
+    var data = JSON.parse(event.data);
+    var box = document.getElementById("firmware-status");
+    if (box && data.html) box.innerHTML = data.html;
+  });
   window.addEventListener("pagehide", function () { source.close(); });
 })();
