@@ -26,6 +26,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .errors import RequestRefused
 from .events import EVENT_DOWNLINK_STATE, EventBus
 from .family import ParameterError
 from .storage.models import Device, Downlink, DownlinkEvent
@@ -61,15 +62,8 @@ def wire_id(row_id: int) -> int:
     return (row_id - 1) % 65535 + 1
 
 
-class DownlinkError(Exception):
-    """A request on the queue that cannot be honoured; maps to an HTTP status."""
-
-    def __init__(self, status: int, error: str, detail: str, field: str | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.field = field
+class DownlinkError(RequestRefused):
+    """A request on the queue that cannot be honoured."""
 
 
 @dataclass(slots=True)

@@ -9,7 +9,6 @@ MAX_IMAGE_BYTES, not by the API's JSON body limit.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,7 @@ from driver_core.fota.library import (
 from driver_core.fota.models import VERSION_MAX
 
 from .errors import ApiError
-from .operation import DRIVER, Handler, Inputs, Link, Operation, Response
+from .operation import DRIVER, Inputs, Link, Operation, Response
 from .schemas import SERIAL_PATH, FullMatch, _query_integer, _text, validate
 
 if TYPE_CHECKING:
@@ -212,17 +211,6 @@ UPLOAD_BODY: dict[str, Any] = {
 }
 
 
-def _firmware_errors(handler: Handler) -> Handler:
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request, inputs: Inputs) -> web.StreamResponse:
-        try:
-            return await handler(request, inputs)
-        except FirmwareError as exc:
-            raise ApiError(exc.status, exc.error, exc.detail, exc.field) from None
-
-    return wrapped
-
-
 def _driver(request: web.Request) -> Driver:
     return request.app[DRIVER]
 
@@ -305,7 +293,6 @@ def _checked_upload_fields(schema: vol.Schema, values: dict[str, Any], where: st
     return fields
 
 
-@_firmware_errors
 async def upload_firmware(request: web.Request, inputs: Inputs) -> web.Response:
     driver = _driver(request)
     if request.content_type == "multipart/form-data":
@@ -343,13 +330,11 @@ async def upload_firmware(request: web.Request, inputs: Inputs) -> web.Response:
 # --- library -----------------------------------------------------------------------------------
 
 
-@_firmware_errors
 async def list_firmware(request: web.Request, inputs: Inputs) -> web.Response:
     images = await library.list_images(_driver(request).db, inputs.query.get("hw_type"))
     return web.json_response({"items": [image.as_json() for image in images]})
 
 
-@_firmware_errors
 async def get_firmware(request: web.Request, inputs: Inputs) -> web.Response:
     db = _driver(request).db
     image = await library.require_image(db, inputs.path["hw_type"], inputs.path["version"])
@@ -361,7 +346,6 @@ async def get_firmware(request: web.Request, inputs: Inputs) -> web.Response:
     return web.json_response({**image.as_json(), "campaign": counts})
 
 
-@_firmware_errors
 async def delete_firmware(request: web.Request, inputs: Inputs) -> web.Response:
     hw_type, version = inputs.path["hw_type"], inputs.path["version"]
     service = _service(request)
@@ -376,13 +360,11 @@ async def delete_firmware(request: web.Request, inputs: Inputs) -> web.Response:
 # --- targets -----------------------------------------------------------------------------------
 
 
-@_firmware_errors
 async def list_targets(request: web.Request, inputs: Inputs) -> web.Response:
     targets = await library.list_targets(_driver(request).db)
     return web.json_response({"items": [target.as_json() for target in targets]})
 
 
-@_firmware_errors
 async def set_hw_type_target(request: web.Request, inputs: Inputs) -> web.Response:
     hw_type = inputs.path["hw_type"]
     if hw_type not in _driver(request).families:
@@ -392,7 +374,6 @@ async def set_hw_type_target(request: web.Request, inputs: Inputs) -> web.Respon
     return web.json_response(target.as_json())
 
 
-@_firmware_errors
 async def clear_hw_type_target(request: web.Request, inputs: Inputs) -> web.Response:
     hw_type = inputs.path["hw_type"]
     if not await library.clear_target(_driver(request).db, hw_type=hw_type):
@@ -401,7 +382,6 @@ async def clear_hw_type_target(request: web.Request, inputs: Inputs) -> web.Resp
     return web.Response(status=204)
 
 
-@_firmware_errors
 async def set_device_target(request: web.Request, inputs: Inputs) -> web.Response:
     serial = inputs.path["serial"]
     target = await library.set_target(_driver(request).db, inputs.body["version"], serial=serial)
@@ -409,7 +389,6 @@ async def set_device_target(request: web.Request, inputs: Inputs) -> web.Respons
     return web.json_response(target.as_json())
 
 
-@_firmware_errors
 async def clear_device_target(request: web.Request, inputs: Inputs) -> web.Response:
     serial = inputs.path["serial"]
     if not await library.clear_target(_driver(request).db, serial=serial):
@@ -418,7 +397,6 @@ async def clear_device_target(request: web.Request, inputs: Inputs) -> web.Respo
     return web.Response(status=204)
 
 
-@_firmware_errors
 async def device_firmware(request: web.Request, inputs: Inputs) -> web.Response:
     serial = inputs.path["serial"]
     service = _service(request)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import voluptuous as vol
 from aiohttp import web
 
-from driver_core.downlinks import DownlinkError
+from driver_core.errors import RequestRefused
 from driver_core.tokens import verify_token
 
 from . import routes_devices, routes_downlinks, routes_firmware
@@ -94,7 +94,7 @@ def _endpoint(op: Operation, body_schema: vol.Schema | None) -> Handler:
             inputs.body = validate(body_schema, await read_json(request))
         try:
             return await op.handler(request, inputs)
-        except DownlinkError as exc:
+        except RequestRefused as exc:  # downlink, firmware... refusals keep their status
             raise ApiError(exc.status, exc.error, exc.detail, exc.field) from None
 
     handle.__name__ = op.operation_id

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
+from driver_core.errors import RequestRefused
 from driver_core.storage.db import Database
 from driver_core.storage.models import Device
 from driver_core.timefmt import utcnow, zulu_millis
@@ -41,15 +42,8 @@ OFFERED, DOWNLOADING, DOWNLOADED, INSTALLED, FAILED = (
 STATES = (OFFERED, DOWNLOADING, DOWNLOADED, INSTALLED, FAILED)
 
 
-class FirmwareError(Exception):
-    """A firmware request that cannot be honoured; `status` is the HTTP status it maps to."""
-
-    def __init__(self, status: int, error: str, detail: str, field: str | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.error = error
-        self.detail = detail
-        self.field = field
+class FirmwareError(RequestRefused):
+    """A firmware request that cannot be honoured."""
 
 
 def firmware_dir(config_dir: Path) -> Path:
