@@ -100,7 +100,8 @@ async def exchange(
                     deadline = loop.time() + 60  # separate response follows
                 elif answer.token == request.token and answer.mtype in (Type.CON, Type.NON):
                     if answer.mtype == Type.CON:
-                        ack = aiocoap.Message(mtype=Type.ACK, mid=answer.mid, code=Code.EMPTY)
+                        ack = aiocoap.Message(code=Code.EMPTY)
+                        ack.mtype, ack.mid = Type.ACK, answer.mid  # raw codec use: set, not passed
                         transport.sendto(ack.encode())
                     return answer
             timeout *= 2
