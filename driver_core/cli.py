@@ -349,6 +349,11 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         devices = read_devices_csv(csv_path.read_text(encoding="utf-8"), driver.families.keys())
         topic_filter = "application/COAP/device/+/uplink"
         print(f"demo: {len(devices)} simulated devices; showing MQTT {topic_filter} on {host}:{port}")
+        http = driver.config.http
+        print(
+            f"demo: web panel on http://{http['host']}:{driver.api.port}/ "
+            "(the first visit creates the admin user)"
+        )
         simulator = Simulator(
             devices, driver.families, "127.0.0.1", driver.coap_port,
             time_scale=args.time_scale, timing=CoapTiming(ack_timeout=1.0),
