@@ -265,10 +265,8 @@ class DeviceCredentials:
         c3.r2_ms = issued_ms
         return c3
 
-    def all_kids(self):  # pragma: no cover - aiocoap EDHOC hook, unused
-        return set()
-
     def find_all_used_contextless_oscore_kid(self) -> set[bytes]:
+        """aiocoap asks this only for EDHOC, which devices do not use."""
         return set()
 
     @staticmethod
