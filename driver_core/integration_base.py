@@ -40,6 +40,15 @@ async def validated_settings(
     return schema(dict(settings or {}))
 
 
+def text_setting(value: Any) -> str:
+    """A text setting, trimmed; an empty YAML value (None) means "not set" (empty string)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise vol.Invalid("expected text")
+    return value.strip()
+
+
 def form_field(label: str, help_text: str, **extra: Any) -> dict[str, Any]:
     """Form metadata carried as a voluptuous marker `description` (label, help, options...)."""
     return {"label": label, "help": help_text, **extra}

@@ -13,11 +13,7 @@ from typing import Any
 
 import voluptuous as vol
 
-from driver_core.integration_base import (
-    form_field,
-    schema_errors,
-    validated_settings,
-)
+from driver_core.integration_base import form_field, schema_errors, text_setting, validated_settings
 
 DOMAIN = "homeassistant"
 DEFAULT_DISCOVERY_PREFIX = "homeassistant"
@@ -29,12 +25,7 @@ _form = form_field
 _PLACEHOLDER = re.compile(r"\{\{\s*serial\s*\}\}")
 
 
-def _text(value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise vol.Invalid("expected text")
-    return value.strip()
+_text = text_setting
 
 
 def discovery_prefix(value: Any) -> str:

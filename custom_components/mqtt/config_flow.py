@@ -16,11 +16,7 @@ from urllib.parse import urlsplit
 
 import voluptuous as vol
 
-from driver_core.integration_base import (
-    form_field,
-    schema_errors,
-    validated_settings,
-)
+from driver_core.integration_base import form_field, schema_errors, text_setting, validated_settings
 
 from .topic import (
     DEFAULT_DOWNLINK_COMMAND_TOPIC,
@@ -42,13 +38,7 @@ DEFAULT_APP_TOPICS = "homeassistant/status"
 _form = form_field
 
 
-def _text(value: Any) -> str:
-    """Empty YAML values (None) mean "not set"."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise vol.Invalid("expected text")
-    return value.strip()
+_text = text_setting
 
 
 def broker_url(value: Any) -> str:
