@@ -389,3 +389,20 @@ class Core:
         if announce:
             self.bus.fire(EVENT_UPLINK, uplink)
         return uplink, document.encode()
+
+
+@contextlib.asynccontextmanager
+async def integration_starter(async_setup: Any):
+    """`start(core, **settings)` sets an integration up; all are unloaded on exit (fixture helper)."""
+    running: list[Any] = []
+
+    async def start(core: Any, **settings: Any) -> Any:
+        integration = await async_setup(core, settings)
+        running.append(integration)
+        return integration
+
+    try:
+        yield start
+    finally:
+        for integration in running:
+            await integration.async_unload()

@@ -47,7 +47,7 @@ from driver_core.storage.models import Downlink, DownlinkEvent
 from driver_core.storage.secretbox import SecretBox
 from driver_core.timefmt import utcnow
 from tests.conftest import write_config
-from tests.mqtt_helpers import make_tls_files
+from tests.mqtt_helpers import integration_starter, make_tls_files
 
 # The documented example: 2025-09-05T12:59:29.7Z is unix 1757077169 (seconds, truncated).
 EXAMPLE_ID = "0219dfb3-00a8-40e6-90ea-1f83e807e885"
@@ -254,16 +254,8 @@ Setup = Callable[..., Awaitable[CallbacksIntegration]]
 @pytest.fixture
 async def setup() -> AsyncIterator[Setup]:
     """`await setup(core, **settings)`; every integration is unloaded after the test."""
-    running: list[CallbacksIntegration] = []
-
-    async def start(core: Core, **settings: Any) -> CallbacksIntegration:
-        integration = await async_setup(core, settings)
-        running.append(integration)
-        return integration
-
-    yield start
-    for integration in running:
-        await integration.async_unload()
+    async with integration_starter(async_setup) as start:
+        yield start
 
 
 def body(command_id: str, state: int, at: datetime) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import voluptuous as vol
@@ -30,6 +29,7 @@ from tests.mqtt_helpers import (
     Core,
     Mosquitto,
     free_port,
+    integration_starter,
     make_tls_files,
     outbox_count,
     retained,
@@ -59,16 +59,8 @@ async def any_core(tmp_path: Path, database: Database) -> Core:
 @pytest.fixture
 async def setup() -> AsyncIterator[Setup]:
     """`await setup(core, **settings)`; every integration is unloaded after the test."""
-    running: list[MqttIntegration] = []
-
-    async def start(core: Core, **settings: Any) -> MqttIntegration:
-        integration = await async_setup(core, settings)
-        running.append(integration)
-        return integration
-
-    yield start
-    for integration in running:
-        await integration.async_unload()
+    async with integration_starter(async_setup) as start:
+        yield start
 
 
 @pytest.fixture
