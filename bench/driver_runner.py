@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import json
 import logging
 import signal
 import sys
@@ -132,7 +133,8 @@ async def run(config_dir: Path, ready_file: Path, profile: Path | None, sample: 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         sampler = StackSampler() if sample else None
-        write_ready(ready_file, f"{driver.coap_port} {startup:.3f}")
+        http_port = driver.api.port if driver.api is not None else 0
+        write_ready(ready_file, f"{driver.coap_port} {startup:.3f} {http_port}")
         if profiler is not None:
             profiler.enable()
         if sampler is not None:
@@ -144,8 +146,19 @@ async def run(config_dir: Path, ready_file: Path, profile: Path | None, sample: 
         if sampler is not None:
             sampler.stop()
             write_ready(sample, sampler.report())
+        write_ready(ready_file.with_name(ready_file.name + ".stats"), json.dumps(driver_stats(driver)))
     finally:
         await driver.stop()
+
+
+def driver_stats(driver: Driver) -> dict[str, int | None]:
+    """Counters that explain a run: how well cache misses and writes were batched."""
+    loads = getattr(driver.credentials, "_loads", None)
+    return {
+        "device_load_batches": getattr(loads, "batches", None),
+        "devices_loaded": getattr(loads, "loaded", None),
+        "write_batches": getattr(driver.writer, "batches", None),
+    }
 
 
 def main() -> None:

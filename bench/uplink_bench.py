@@ -45,6 +45,7 @@ from bench.loadgen import (
     percentile,
     virtual_devices,
 )
+from bench.spy import PySpy, report, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_HOST, BROKER_PORT = "127.0.0.1", 1883
@@ -61,6 +62,7 @@ class Child:
     port: int
     startup_s: float
     log: Path
+    http_port: int = 0
 
     @property
     def pid(self) -> int:
@@ -92,7 +94,8 @@ def start_child(argv: list[str], ready_file: Path, log: Path) -> Child:
             raise SystemExit(f"{argv[1]} not ready after {READY_TIMEOUT_S:.0f} s; see {log}")
         time.sleep(0.05)
     fields = ready_file.read_text().split()
-    return Child(process, int(fields[0]), float(fields[1]) if len(fields) > 1 else 0.0, log)
+    startup = float(fields[1]) if len(fields) > 1 else 0.0
+    return Child(process, int(fields[0]), startup, log, int(fields[2]) if len(fields) > 2 else 0)
 
 
 class Sampler:
@@ -105,6 +108,7 @@ class Sampler:
         self._cpu0 = 0.0
         self._t0 = 0.0
         self.cpu_percent: float | None = None
+        self.window_s = 0.0
 
     def _cpu(self) -> float:
         times = self.proc.cpu_times()
@@ -130,7 +134,8 @@ class Sampler:
             self._task.cancel()
         with contextlib.suppress(psutil.Error):
             self.rss_max = max(self.rss_max, self.proc.memory_info().rss)
-            self.cpu_percent = 100 * (self._cpu() - self._cpu0) / max(1e-9, time.monotonic() - self._t0)
+            self.window_s = time.monotonic() - self._t0
+            self.cpu_percent = 100 * (self._cpu() - self._cpu0) / max(1e-9, self.window_s)
 
 
 def mosquitto_pid() -> int | None:
@@ -236,15 +241,17 @@ class Subscriber:
 # --- the driver's configuration and fleet --------------------------------------------------------
 
 
-def write_driver_config(config_dir: Path, database_url: str, prefix: str, qos: int) -> None:
+def write_driver_config(config_dir: Path, database_url: str, prefix: str, qos: int, extra: str = "") -> None:
+    """The bench driver's configuration.yaml: ports chosen by the OS, so runs never collide."""
     config_dir.mkdir(parents=True, exist_ok=True)
     (config_dir / "configuration.yaml").write_text(
         "coap:\n  host: 127.0.0.1\n  port: 0\n"
+        "http:\n  host: 127.0.0.1\n  port: 0\n"
         f"database:\n  url: {database_url}\n"
         "logger:\n  default: warning\n"
         "mqtt:\n  broker: external\n  url: mqtt://127.0.0.1:1883\n"
         f"  qos: {qos}\n  uplink_topic: '{prefix}/{{{{serial}}}}'\n"
-        f"  status_topic: '{prefix}/status'\n  client_id: '{prefix}-driver'\n",
+        f"  status_topic: '{prefix}/status'\n  client_id: '{prefix}-driver'\n" + extra,
         encoding="utf-8",
     )
 
@@ -360,6 +367,7 @@ class RunOptions:
     profile: Path | None
     sample: Path | None = None
     inflight: int | None = None
+    py_spy: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -388,6 +396,9 @@ async def driver_run(options: RunOptions, rate: float | None, join_storm: int | 
             finally:
                 driver.stop()
                 result["driver_log_tail"] = driver.log.read_text(errors="replace")[-2000:]
+                stats = workdir / "ready.stats"
+                if stats.exists():
+                    result["driver_stats"] = json.loads(stats.read_text())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return result
@@ -403,9 +414,13 @@ async def _drive(
     out: dict[str, Any] = {}
     driver_cpu, me = Sampler(driver.pid), Sampler(os.getpid())
     try:
-        driver_cpu.begin()
+        spy = PySpy(driver.pid, options.py_spy).start() if options.py_spy and storm else None
+        driver_cpu.begin(), me.begin()
         joins = await gen.join_all(options.join_concurrency)
-        driver_cpu.end()
+        driver_cpu.end(), me.end()
+        if spy is not None:
+            spy.stop()
+            out["py_spy"] = write_spy_report(options.py_spy, spy.rate, joins.ok, driver_cpu)
         out["join"] = {
             "count": joins.count,
             "ok": joins.ok,
@@ -416,6 +431,7 @@ async def _drive(
             "latency_ms": {"p50": _ms(percentile(joins.durations, 0.5)), "p99": _ms(percentile(joins.durations, 0.99))},
             "driver_cpu_percent": round(driver_cpu.cpu_percent or 0, 1),
             "driver_rss_mb": round(driver_cpu.rss_max / 2**20, 1),
+            "generator_cpu_percent": round(me.cpu_percent or 0, 1),
         }
         if storm:
             received = await asyncio.to_thread(subscriber.drain, "join", joins.ok)
@@ -424,6 +440,7 @@ async def _drive(
         pool_before = asdict(pool.stats)  # the /rx phase alone, without the JOINs
         mosq = Sampler(mosquitto_pid())
         driver_cpu, me = Sampler(driver.pid), Sampler(os.getpid())
+        spy = PySpy(driver.pid, options.py_spy).start() if options.py_spy else None
         for sampler in (driver_cpu, me, mosq):
             sampler.begin()
         if options.inflight:
@@ -432,6 +449,9 @@ async def _drive(
             await gen.run_rate(rate, options.duration)
         for sampler in (driver_cpu, me, mosq):
             sampler.end()
+        if spy is not None:
+            spy.stop()
+            out["py_spy"] = write_spy_report(options.py_spy, spy.rate, len(gen.record.sent_at), driver_cpu)
         await gen.drain(60)
         acked = sum(1 for code in gen.record.outcome if code == CHANGED)
         received = await asyncio.to_thread(subscriber.drain, "rx", acked)
@@ -445,6 +465,32 @@ async def _drive(
     finally:
         await pool.close()
     return out
+
+
+def write_spy_report(raw: Path, rate: int, units: int, cpu: Sampler) -> dict[str, Any]:
+    """Summarize py-spy's samples next to the raw file (`<raw>.txt`); µs per JOIN or uplink."""
+    summary = summarize(raw, rate)
+    text = report(summary, per=max(1, units))
+    cpu_s = (cpu.cpu_percent or 0) / 100 * max(1e-9, cpu.window_s)
+    text = (
+        f"driver process CPU over the window: {cpu_s:.2f} s = {1e6 * cpu_s / max(1, units):.0f} µs per unit "
+        "(Python under the GIL below, plus C with the GIL released: SQLite, syscalls, crypto)\n" + text
+    )
+    path = raw.with_name(raw.name + ".txt")
+    path.write_text(text, encoding="utf-8")
+    return {
+        "raw": str(raw),
+        "report": str(path),
+        "units": units,
+        "process_cpu_us_per_unit": round(1e6 * cpu_s / max(1, units), 1),
+        "gil_cpu_us_per_unit": round(1e6 * summary.seconds(summary.samples) / max(1, units), 1),
+        "by_layer_us_per_unit": {
+            name: round(1e6 * summary.seconds(n) / max(1, units), 1) for name, n in summary.by_layer.most_common()
+        },
+        "by_component_us_per_unit": {
+            name: round(1e6 * summary.seconds(n) / max(1, units), 1) for name, n in summary.by_component.most_common()
+        },
+    }
 
 
 async def baseline_run(options: RunOptions, inflight: int, duration: float) -> dict[str, Any]:
@@ -555,6 +601,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--profile", type=Path, help="cProfile the driver's steady state into this file")
     parser.add_argument("--sample", type=Path, help="stack-sample every driver thread into this text file")
+    parser.add_argument(
+        "--py-spy", type=Path, metavar="RAW",
+        help="py-spy --gil the driver during the measured phase into RAW, summary in RAW.txt",
+    )
     parser.add_argument("--out", type=Path, help="JSON results file (default /tmp/coap-bench-<time>.json)")
     args = parser.parse_args(argv)
     try:
@@ -577,16 +627,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         profile=args.profile,
         sample=args.sample,
         inflight=args.inflight,
+        py_spy=args.py_spy,
     )
     report: dict[str, Any] = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loopback": True},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "loopback": True,
+            "loadavg_at_start": os.getloadavg(),
+        },
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
     if args.join_storm:
         storm = await driver_run(options, None, join_storm=args.join_storm)
         storm.pop("driver_log_tail", None)
         report["join_storm"] = storm
+        report["machine"]["loadavg_at_end"] = os.getloadavg()
         return report
     if not args.no_baseline:
         report["baseline"] = await baseline_run(options, args.baseline_inflight, args.baseline_duration)
@@ -598,6 +655,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             run.pop("driver_log_tail", None)
         report["runs"].append(run)
         print(f"... rate {rate}: e2e {run['rx']['e2e_per_s']}/s, lost {run['rx']['lost']}", flush=True)
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
     passing = [r["rx"]["offered_per_s"] for r in report["runs"] if r["meets_target"] and r["rx"]["offered_per_s"]]
     report["highest_rate_meeting_target"] = max(passing, default=None)
     return report

@@ -262,16 +262,18 @@ async def cmd_firmware_status(args: argparse.Namespace) -> int:
 
 
 async def cmd_integration_show(args: argparse.Namespace) -> int:
-    async with _storage(args.config) as (driver, db, _box):
+    async with _storage(args.config) as (driver, db, box):
         from .integrations import IntegrationManager
 
-        driver.db = db
+        driver.db, driver.box = db, box
         assert driver.config is not None
         manager = IntegrationManager(driver, driver._modules, driver.config.integrations)
         effective = await manager._effective()
+        hidden = manager.secret_fields(args.domain) if args.domain in manager.modules else frozenset()
     settings = dict(effective.get(args.domain, {}))
-    if "password" in settings and settings["password"]:
-        settings["password"] = "********"
+    for name in hidden:
+        if settings.get(name):
+            settings[name] = "********"
     print(json.dumps(settings, indent=2, default=str))
     return 0
 
@@ -283,10 +285,10 @@ async def cmd_integration_set(args: argparse.Namespace) -> int:
         if not sep:
             raise SettingsError({item: "expected key=value"})
         changes[key] = _parse_value(value)
-    async with _storage(args.config) as (driver, db, _box):
+    async with _storage(args.config) as (driver, db, box):
         from .integrations import IntegrationManager
 
-        driver.db = db
+        driver.db, driver.box = db, box
         assert driver.config is not None
         manager = IntegrationManager(driver, driver._modules, driver.config.integrations)
         await manager.save(args.domain, changes)

@@ -7,8 +7,10 @@ sleeping device would miss a separate response.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -19,15 +21,17 @@ from aiocoap.numbers.codes import Code
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 from aiocoap.transports.oscore import OSCOREAddress
 from aiocoap.util.linkformat import LinkFormat
+from sqlalchemy.exc import SQLAlchemyError
 
+from . import aiocoap_tuning
 from . import refusals as why
 from .family import PayloadDecodeError
 from .fota.blockwise import OCTET_STREAM, BlockOutOfRange, negotiate
 from .response_cache import install_response_cache
-from .security import DeviceContext, DeviceCredentials, DeviceState
+from .security import DeviceContext, DeviceCredentials, DeviceState, PossiblyStaleContext
 from .timefmt import utcnow
 from .uplink import Uplink
-from .writer import StorageUnavailable, UplinkWriter, WriteJob
+from .writer import SharedStateRefused, StorageUnavailable, UplinkWriter, WriteJob
 
 if TYPE_CHECKING:
     from .downlinks import DownlinkQueue
@@ -46,6 +50,16 @@ def cbor_answer(code: Code, body: dict[Any, Any]) -> aiocoap.Message:
     return aiocoap.Message(code=code, payload=cbor2.dumps(body), content_format=CBOR)
 
 
+@contextlib.contextmanager
+def unavailable_storage_is_503(refusals: Refusals, **facts: Any) -> Iterator[None]:
+    """A database read that fails on the CoAP path: 5.03, so the device retries later."""
+    try:
+        yield
+    except (SQLAlchemyError, OSError) as exc:
+        refusals.record(why.STORAGE, detail=str(exc).splitlines()[0][:200], **facts)
+        raise error.ServiceUnavailable("Storage unavailable, retry later") from None
+
+
 class DeviceSite(OscoreSiteWrapper):
     """aiocoap's OSCORE wrapper, with the device fetched from the database before lookup
     and every refusal counted."""
@@ -62,16 +76,24 @@ class DeviceSite(OscoreSiteWrapper):
         except oscore.NotAProtectedMessage:
             self._refusals.record(why.UNPROTECTED, remote=request.remote)
             raise error.Unauthorized("OSCORE required") from None
-        except oscore.DecodeError:
+        except (oscore.DecodeError, IndexError):  # aiocoap: IndexError for a flag with no bytes after it
             self._refusals.record(why.MALFORMED_OSCORE, remote=request.remote)
             raise error.BadOption("Failed to decode COSE") from None
         kid = unprotected.get(oscore.COSE_KID)
-        state = await self._credentials.preload(kid) if kid is not None else None
+        was_cached = kid is not None and self._credentials.cached(kid) is not None
+        with unavailable_storage_is_503(self._refusals, kid=kid):
+            state = await self._credentials.preload(kid) if kid is not None else None
+        if state is not None and not was_cached:
+            self._refusals.cleared(request.remote)  # the rate limiter's prepaid token goes back
         if state is None:
             self._refusals.record(why.UNKNOWN_KID, remote=request.remote, kid=kid)
             raise error.Unauthorized("Security context not found")
+        credentials = self._credentials
         try:
-            await super().render_to_pipe(pipe)
+            with unavailable_storage_is_503(self._refusals, kid=kid, serial=state.serial):
+                if credentials.shared and credentials.names_other_context(state, unprotected):
+                    state = await credentials.reload(kid) or state  # a JOIN made elsewhere?
+                await self._render_or_reload(pipe, state)
         except error.Unauthorized:
             self._refusals.record(why.NO_CONTEXT, remote=request.remote, kid=kid, serial=state.serial)
             raise
@@ -81,6 +103,26 @@ class DeviceSite(OscoreSiteWrapper):
         except error.BadRequest:
             self._refusals.record(why.DECRYPTION_FAILED, remote=request.remote, kid=kid, serial=state.serial)
             raise
+
+
+    async def _render_or_reload(self, pipe, state: DeviceState) -> None:
+        """Verify and render; in cluster mode, a failure under the cached context may only mean
+        that the device re-joined through another instance: reload it and try once more."""
+        try:
+            await super().render_to_pipe(pipe)
+            return
+        except (error.BadRequest, PossiblyStaleContext) as exc:
+            shared = self._credentials.shared
+            if not shared or not await self._credentials.reloaded_other_context(state):
+                if isinstance(exc, PossiblyStaleContext):
+                    self._refusals.record(why.REPLAY, remote=pipe.request.remote, kid=state.kid, serial=state.serial)
+                    raise error.Unauthorized("Replay detected") from None
+                raise
+        try:
+            await super().render_to_pipe(pipe)
+        except PossiblyStaleContext:
+            self._refusals.record(why.REPLAY, remote=pipe.request.remote, kid=state.kid, serial=state.serial)
+            raise error.Unauthorized("Replay detected") from None
 
 
 class ResourceTable:
@@ -163,6 +205,14 @@ class DeviceResource(resource.Resource):
         except StorageUnavailable as exc:
             self.core.refusals.record(why.STORAGE, serial=job.state.serial, detail=str(exc))
             raise error.ServiceUnavailable("Storage unavailable, retry later") from None
+        except SharedStateRefused as exc:  # cluster mode: another instance got there first
+            state = job.state
+            if exc.reason == "replay":
+                self.core.refusals.record(why.REPLAY, kid=state.kid, serial=state.serial)
+                raise error.Unauthorized("Replay detected") from None
+            self.core.refusals.record(why.NO_CONTEXT, kid=state.kid, serial=state.serial)
+            self.core.credentials.forget(state.kid)  # reload the context in force next time
+            raise error.Unauthorized("Security context not found") from None
 
     def new_uplink(self, state: DeviceState, data: dict[str, Any], now: datetime) -> Uplink:
         """Build the uplink and move `last_seen` (the document carries the previous one)."""
@@ -189,19 +239,29 @@ class DeviceResource(resource.Resource):
         answered_ok: bool = True,
         joined: bool = False,
         now: datetime | None = None,
+        seqno: int | None = None,
     ) -> dict[Any, Any]:
         """Store the uplink with the downlink transitions it causes; return answer keys 3/4."""
         state = context.device
         queue = self.core.downlinks
         async with queue.locks.hold(state.device_id):
-            plan = await queue.plan(state, self.message_type, data, dispatch=answered_ok)
+            with unavailable_storage_is_503(self.core.refusals, serial=state.serial):
+                plan = await queue.plan(state, self.message_type, data, dispatch=answered_ok)
             if plan.acked is not None:
                 data["command_id"] = plan.acked.command_id
                 data["command"] = plan.acked.command
+            previous = (state.last_seen, state.uplinks_since_join)
             uplink = self.new_uplink(state, data, now or utcnow())
-            await self.store(
-                WriteJob(state, context, uplink, payload, joined=joined, downlink_changes=plan.changes)
-            )
+            try:
+                await self.store(
+                    WriteJob(
+                        state, context, uplink, payload, joined=joined,
+                        downlink_changes=plan.changes, seqno=seqno,
+                    )
+                )
+            except error.RenderableError:  # nothing was stored: the cached device state stays
+                state.last_seen, state.uplinks_since_join = previous
+                raise
         queue.committed(state, plan)
         return plan.body
 
@@ -219,7 +279,9 @@ class DeviceResource(resource.Resource):
         if failure is not None:
             self.core.refusals.record(why.BAD_PAYLOAD, kid=state.kid, serial=state.serial, detail=failure)
         extra = self.answer_extra(state, data) if failure is None else {}
-        body = await self.accept(context, data, request.payload, answered_ok=failure is None)
+        body = await self.accept(
+            context, data, request.payload, answered_ok=failure is None, seqno=oscore_seqno(request)
+        )
         if failure is not None:
             return aiocoap.Message(code=Code.BAD_REQUEST, payload=failure.encode()[:120])
         return cbor_answer(Code.CHANGED, {**body, **extra})
@@ -230,6 +292,11 @@ class DeviceResource(resource.Resource):
     def answer_extra(self, state: DeviceState, data: dict[str, Any]) -> dict[Any, Any]:
         """Answer keys a resource adds to its 2.04 (key 5 of POST /fota); may add to `data`."""
         return {}
+
+
+def oscore_seqno(request: aiocoap.Message) -> int | None:
+    """The request's OSCORE sequence number, noted by `DeviceContext.unprotect`."""
+    return getattr(request, "oscore_seqno", None)
 
 
 def undecodable(payload: bytes, reason: str) -> tuple[dict[str, Any], str]:
@@ -407,8 +474,10 @@ class JoinResource(DeviceResource):
             state.uplinks_since_join = 0
         state.firmware = data["firmware"]
         try:
-            body = await self.accept(context, data, request.payload, joined=joined, now=now)
-        except error.ServiceUnavailable:
+            body = await self.accept(
+                context, data, request.payload, joined=joined, now=now, seqno=oscore_seqno(request)
+            )
+        except (error.ServiceUnavailable, error.Unauthorized):
             state.join_date, state.firmware, state.uplinks_since_join, state.last_seen = previous
             raise
         if joined:
@@ -459,6 +528,7 @@ async def start_coap_server(core: CoapCore, host: str, port: int) -> aiocoap.Con
     traffic (a firmware download is thousands of answers); a bounded cache
     replaces it.
     """
+    aiocoap_tuning.install()  # cached address strings: aiocoap formats them for every request
     context = await aiocoap.Context.create_server_context(
         core.site(), bind=(host, port), transports=["udp6"], loggername="driver_core.coap"
     )

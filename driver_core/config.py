@@ -64,6 +64,7 @@ class CoreConfig:
     devices: dict[str, Any]
     downlinks: dict[str, Any]
     fota: dict[str, Any]
+    cluster: dict[str, Any]
     integrations: dict[str, dict[str, Any]]
 
     @property
@@ -178,6 +179,10 @@ def core_schemas(config_dir: Path) -> dict[str, vol.Schema]:
                 vol.Optional("port", default=5683): _port,
                 vol.Optional("max_payload", default=1024): _int_range(16, 1024),
                 vol.Optional("context_cache_size", default=100_000): _int_range(0, 100_000_000),
+                # Refusals one source address may cause per second (and in a burst) before its
+                # further would-be-refused datagrams are dropped unanswered; 0 turns it off.
+                vol.Optional("refusals_per_second", default=20): _int_range(0, 1_000_000),
+                vol.Optional("refusal_burst", default=100): _int_range(1, 1_000_000),
             }
         ),
         "database": _section({vol.Optional("url", default=None): _database_url(config_dir)}),
@@ -197,6 +202,10 @@ def core_schemas(config_dir: Path) -> dict[str, vol.Schema]:
             {
                 vol.Optional("host", default="127.0.0.1"): _ip_address,
                 vol.Optional("port", default=8080): _port,
+                # Failed authentications (bad API token, failed login) one client address may
+                # make per minute (and in a burst) before it gets 429; 0 turns it off.
+                vol.Optional("auth_failures_per_minute", default=10): _int_range(0, 1_000_000),
+                vol.Optional("auth_failure_burst", default=20): _int_range(1, 1_000_000),
             }
         ),
         "retention": _section(
@@ -216,6 +225,23 @@ def core_schemas(config_dir: Path) -> dict[str, vol.Schema]:
                 # A download with no block for this long is marked failed (stalled).
                 vol.Optional("stall_minutes", default=30): _int_range(1, 7 * 24 * 60),
             }
+        ),
+        "cluster": vol.Schema(
+            vol.All(
+                # `cluster: true` is short for `cluster: {enabled: true}`.
+                lambda v: {"enabled": v} if isinstance(v, bool) else ({} if v is None else v),
+                vol.Schema(
+                    {
+                        # Several instances share one PostgreSQL database and one broker.
+                        vol.Optional("enabled", default=False): vol.Boolean(),
+                        # Shown in the instances table and the logs; default host name and pid.
+                        vol.Optional("name", default=None): vol.Any(None, _string),
+                        vol.Optional("heartbeat_seconds", default=5): _int_range(1, 60),
+                        # An instance silent this long is dead: its unpublished rows are adopted.
+                        vol.Optional("dead_after_seconds", default=30): _int_range(3, 3600),
+                    }
+                ),
+            )
         ),
         "downlinks": _section(
             {
@@ -392,6 +418,15 @@ def load_configuration(
                 file, line = locate(raw, [name])
             raise ConfigError(problem, file, line, key_path) from None
 
+    if validated["cluster"]["enabled"] and validated["database"]["url"].startswith("sqlite"):
+        file, line = locate(raw, ["cluster"])
+        raise ConfigError(
+            "several instances need a shared PostgreSQL database: set database.url to "
+            "postgresql+asyncpg://user:password@host/dbname, or remove cluster",
+            file,
+            line,
+            "cluster.enabled",
+        )
     return CoreConfig(
         config_dir=config_dir,
         integrations={name: validated[name] for name in sorted(validated) if name not in core},

@@ -26,9 +26,11 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .cluster import downlink_events_notice
 from .errors import RequestRefused
 from .events import EVENT_DOWNLINK_STATE, EventBus
 from .family import ParameterError
+from .storage.health import log_retry
 from .storage.models import Device, Downlink, DownlinkEvent
 from .tasks import cancel_and_wait
 from .timefmt import utcnow, zulu_millis
@@ -135,6 +137,7 @@ class DownlinkStateEvent:
     at: datetime
     callback_url: str | None
     downlink: DownlinkView
+    downlink_row_id: int | None = None  # the downlink's row (callbacks queue per downlink)
 
 
 @dataclass(slots=True)
@@ -219,8 +222,11 @@ def apply_changes(session: Session, changes: list[StateChange]) -> list[Downlink
                 at=change.at,
                 callback_url=change.row.callback_url,
                 downlink=DownlinkView.from_row(change.row, change.serial),
+                downlink_row_id=change.row.id,
             )
         )
+    if events and (notice := downlink_events_notice(session, events[0].event_id)) is not None:
+        session.execute(notice)
     return events
 
 
@@ -375,6 +381,8 @@ class DownlinkQueue:
                         .returning(DownlinkEvent.id)
                     )
                 ).scalar_one()
+                if (notice := downlink_events_notice(session, event_id)) is not None:
+                    await session.execute(notice)
         except IntegrityError:  # the same command_id inserted concurrently
             async with self._db.session() as again:
                 existing = await self._by_command_id(again, command_id)
@@ -383,7 +391,7 @@ class DownlinkQueue:
             return self._repeat(existing, serial, command, value, callback_url), False
         self.open_devices.add(device.id)
         view = DownlinkView.from_row(row, serial)
-        self.fire([DownlinkStateEvent(event_id, command_id, serial, PENDING, now, callback_url, view)])
+        self.fire([DownlinkStateEvent(event_id, command_id, serial, PENDING, now, callback_url, view, row.id)])
         return view, True
 
     async def _by_command_id(self, session, command_id: str) -> tuple[Downlink, str] | None:
@@ -541,6 +549,15 @@ class DownlinkQueue:
 
     async def notice_new_rows(self) -> None:
         """Pick up downlinks queued by another process (CLI, another driver instance)."""
+        if self._db.instance_id is not None:
+            # Cluster mode: ids of concurrent writers commit out of order, and other
+            # instances dispatch too; read the whole (indexed) set of open devices.
+            async with self._db.session() as session:
+                rows = await session.execute(
+                    select(Downlink.device_id).where(Downlink.state.in_(OPEN_STATES)).distinct()
+                )
+                self.open_devices = set(rows.scalars())
+            return
         async with self._db.session() as session:
             rows = (
                 await session.execute(
@@ -572,5 +589,5 @@ class DownlinkQueue:
             try:
                 await self.notice_new_rows()
                 await self.expire_unacknowledged()
-            except Exception:
-                _LOGGER.exception("Downlink sweep failed; retrying")
+            except Exception as exc:
+                log_retry(_LOGGER, "Downlink sweep", exc)

@@ -11,6 +11,8 @@ from typing import Any
 import aiocoap
 
 from .api.server import ApiServer
+from .api.throttle import auth_throttle
+from .cluster import Cluster
 from .coap_server import CoapCore, start_coap_server
 from .components import builtin_components_dir, discover_components, import_integration
 from .config import CoreConfig, ensure_config_dir, load_configuration
@@ -23,6 +25,7 @@ from .integrations import IntegrationManager
 from .join_tokens import JoinTokens
 from .metrics import Metrics, TimedCore
 from .ops_http import ops_middleware
+from .rate_limit import CoapGate, TokenBuckets
 from .refusals import Refusals, UnparsableDatagramCounter
 from .runstate import RunLock, join_token_key
 from .security import DeviceCredentials
@@ -78,7 +81,9 @@ class Driver:
         self.api: ApiServer | None = None
         self.metrics: Metrics | None = None
         self.fota = None  # FotaService, once started
+        self.cluster: Cluster | None = None  # cluster mode only
         self._datagram_filter: UnparsableDatagramCounter | None = None
+        self.coap_gate: CoapGate | None = None
         self._run_lock: RunLock | None = None
         self._unlisten_metrics: Any = None
 
@@ -120,6 +125,10 @@ class Driver:
             self.refusals,
             cache_size=config.coap["context_cache_size"],
         )
+        if config.cluster["enabled"]:
+            self.cluster = Cluster(self.db, self.bus, config.cluster)
+            await self.cluster.start()
+            self.credentials.shared = True
         self.writer = UplinkWriter(self.db, self.bus)
         self.writer.start()
         self.downlinks = DownlinkQueue(
@@ -144,6 +153,9 @@ class Driver:
         self.housekeeping.start()
         self.api = ApiServer(self)
         self.api.app.middlewares.insert(0, ops_middleware(self))  # /metrics, /ops/logging
+        self.api.app.middlewares.insert(0, auth_throttle(TokenBuckets(  # 429 after failed logins
+            config.http["auth_failures_per_minute"] / 60, config.http["auth_failure_burst"]
+        )))
         setup_web(self.api.app, self)
         try:
             await self.api.start(config.http["host"], config.http["port"])
@@ -167,6 +179,12 @@ class Driver:
                 f"coap.port: cannot listen on UDP {config.coap['host']} port {config.coap['port']}: "
                 f"{exc.strerror or exc}"
             ) from None
+        self.coap_gate = CoapGate(  # drops would-be refusals from sources over their budget
+            TokenBuckets(config.coap["refusals_per_second"], config.coap["refusal_burst"]),
+            self.refusals,
+            self.credentials,
+        )
+        self.coap_gate.install(self.coap_context)
         await start_fota(self, stall_after=timedelta(minutes=config.fota["stall_minutes"]))
         _LOGGER.info(
             "coap-driver listening on UDP [%s]:%s with %d device families",
@@ -191,6 +209,9 @@ class Driver:
             await self.downlinks.stop()
         if self.integrations is not None:
             await self.integrations.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
+            self.cluster = None
         if self._unlisten_metrics is not None:
             self._unlisten_metrics()
             self._unlisten_metrics = None

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete
 
+from .storage.health import log_retry
 from .storage.models import UplinkRecord
 from .tasks import cancel_and_wait
 from .timefmt import utcnow
@@ -58,6 +59,6 @@ class Housekeeping:
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + PURGE_EVERY_SECONDS
                     await purge_history(self._driver)
-            except Exception:
-                _LOGGER.exception("Housekeeping failed; retrying")
+            except Exception as exc:
+                log_retry(_LOGGER, "Housekeeping", exc)
             await asyncio.sleep(FLEET_CHECK_SECONDS)

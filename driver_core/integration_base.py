@@ -50,8 +50,27 @@ def text_setting(value: Any) -> str:
 
 
 def form_field(label: str, help_text: str, **extra: Any) -> dict[str, Any]:
-    """Form metadata carried as a voluptuous marker `description` (label, help, options...)."""
+    """Form metadata carried as a voluptuous marker `description` (label, help, options...).
+
+    ``secret=True`` marks a password or key: the web form draws a password input and
+    never shows the value, and the saved value is encrypted in the database.
+    """
     return {"label": label, "help": help_text, **extra}
+
+
+def is_secret(marker: Any) -> bool:
+    """Whether a schema key was declared with ``form_field(..., secret=True)``."""
+    meta = getattr(marker, "description", None)
+    return isinstance(meta, dict) and bool(meta.get("secret"))
+
+
+def secret_fields(schema: vol.Schema) -> frozenset[str]:
+    """Names of the secret fields of a settings schema (the one place they are declared)."""
+    return frozenset(
+        str(marker.schema)
+        for marker in schema.schema
+        if isinstance(marker, vol.Marker) and is_secret(marker)
+    )
 
 
 class WatchableStatus:

@@ -4,6 +4,12 @@ Like Home Assistant config entries: a setting saved from the web panel, the
 REST API or the CLI is stored in the database and wins over the YAML section.
 Every instance polls the settings' change time, so a save applies within
 seconds without a restart, on every driver instance sharing the database.
+
+Fields an integration's schema marks secret (``form_field(..., secret=True)``:
+a broker password, an HMAC key) are stored encrypted with the driver's secret
+key, as ``{"fernet": "<token>"}``, so a copy of the database alone does not
+reveal them. A plain string in a secret field is a row written by an older
+release: it is accepted, and encrypted in place when the driver starts.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 import voluptuous as vol
 from sqlalchemy import func, select
 
-from .integration_base import SettingsError, schema_errors
+from .integration_base import SettingsError, schema_errors, secret_fields
+from .storage.health import log_retry
 from .storage.models import IntegrationSettings
+from .storage.secretbox import SecretBox, SecretBoxError
 from .tasks import cancel_and_wait
 from .timefmt import utcnow
 
@@ -28,6 +36,52 @@ if TYPE_CHECKING:
 
 _LOGGER = logging.getLogger(__name__)
 POLL_SECONDS = 2.0
+SEALED = "fernet"  # key of a stored secret: {"fernet": "<Fernet token>"}
+
+
+def seal(data: Mapping[str, Any], fields: frozenset[str], box: SecretBox) -> dict[str, Any]:
+    """``data`` with every non-empty text in a secret field encrypted, as it is stored.
+
+    An empty value stays as it is: it only says that no secret is set.
+    """
+    stored = dict(data)
+    for name in fields & stored.keys():
+        value = stored[name]
+        if isinstance(value, str) and value:
+            stored[name] = {SEALED: box.encrypt(value.encode("utf-8")).decode("ascii")}
+    return stored
+
+
+def plaintext_secrets(data: Mapping[str, Any], fields: frozenset[str]) -> list[str]:
+    """Secret fields of a stored row still in clear (written before secrets were encrypted)."""
+    return sorted(name for name in fields & data.keys() if isinstance(data[name], str) and data[name])
+
+
+def unseal(
+    data: Mapping[str, Any], fields: frozenset[str], box: SecretBox, domain: str
+) -> dict[str, Any]:
+    """A stored row with its secrets decrypted; a plain string (older release) is taken as is.
+
+    A secret that does not decrypt (the key file was replaced) is left out, so the
+    YAML value or the default applies, and the error log says to save it again.
+    """
+    settings = dict(data)
+    for name in fields & settings.keys():
+        value = settings[name]
+        if not isinstance(value, dict):
+            continue
+        try:
+            token = value[SEALED]
+            if not isinstance(token, str):
+                raise SecretBoxError("the stored value is not a Fernet token")
+            settings[name] = box.decrypt(token.encode("ascii")).decode("utf-8")
+        except (KeyError, UnicodeError, SecretBoxError) as exc:
+            del settings[name]
+            _LOGGER.error(
+                "The saved %s.%s cannot be decrypted (%s); it is ignored until saved again",
+                domain, name, exc if isinstance(exc, SecretBoxError) else "malformed value",
+            )
+    return settings
 
 
 def dependency_order(modules: Mapping[str, ModuleType]) -> dict[str, ModuleType]:
@@ -71,10 +125,49 @@ class IntegrationManager:
     def settings(self, domain: str) -> dict:
         return dict(self._settings.get(domain, {}))
 
+    def secret_fields(self, domain: str) -> frozenset[str]:
+        return secret_fields(self.schema(domain))
+
+    @property
+    def _box(self) -> SecretBox:
+        box = self._driver.box
+        if box is None:
+            raise RuntimeError("the secret key is not loaded; integration settings need it")
+        return box
+
     async def _saved(self) -> dict[str, dict]:
+        """Saved settings by domain, secrets decrypted (rows of unloaded integrations left out)."""
         async with self._driver.db.session() as session:
             rows = (await session.execute(select(IntegrationSettings))).scalars().all()
-        return {row.domain: row.data for row in rows}
+        return {
+            row.domain: unseal(row.data, self.secret_fields(row.domain), self._box, row.domain)
+            for row in rows
+            if row.domain in self.modules
+        }
+
+    async def seal_plaintext(self) -> list[str]:
+        """Encrypt secrets an older release stored in clear; ``domain.field`` of each one.
+
+        Runs at start, in one transaction with the rows locked (PostgreSQL), so two
+        instances starting together or a save at the same moment cannot lose a change.
+        ``updated_at`` is kept: the settings themselves do not change.
+        """
+        sealed = []
+        async with self._driver.db.session() as session, session.begin():
+            query = select(IntegrationSettings).with_for_update()
+            for row in (await session.execute(query)).scalars().all():
+                if row.domain not in self.modules:
+                    continue
+                fields = self.secret_fields(row.domain)
+                plain = plaintext_secrets(row.data, fields)
+                if plain:
+                    row.data = seal(row.data, fields, self._box)
+                    sealed += [f"{row.domain}.{name}" for name in plain]
+        if sealed:
+            _LOGGER.info(
+                "Encrypted saved secrets stored in clear by an older release: %s", ", ".join(sealed)
+            )
+        return sealed
 
     async def _effective(self) -> dict[str, dict]:
         saved = await self._saved()
@@ -91,6 +184,7 @@ class IntegrationManager:
         return effective
 
     async def start(self) -> None:
+        await self.seal_plaintext()
         self._stamp = await self._latest_change()
         self._settings = await self._effective()
         for domain, settings in self._settings.items():
@@ -122,12 +216,13 @@ class IntegrationManager:
             errors = await check(validated)
             if errors:
                 raise SettingsError(errors)
+        stored = seal({**saved, **changes}, self.secret_fields(domain), self._box)
         async with self._driver.db.session() as session, session.begin():
             row = await session.get(IntegrationSettings, domain)
             if row is None:
-                session.add(IntegrationSettings(domain=domain, data={**saved, **changes}, updated_at=utcnow()))
+                session.add(IntegrationSettings(domain=domain, data=stored, updated_at=utcnow()))
             else:
-                row.data = {**saved, **changes}
+                row.data = stored
                 row.updated_at = utcnow()
         return validated
 
@@ -161,5 +256,5 @@ class IntegrationManager:
                 if stamp != self._stamp:
                     self._stamp = stamp
                     await self.apply_saved()
-            except Exception:
-                _LOGGER.exception("Applying saved integration settings failed")
+            except Exception as exc:
+                log_retry(_LOGGER, "Applying saved integration settings", exc)

@@ -9,7 +9,6 @@ a recorded step-3 message can never bring back a superseded context.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import time
@@ -18,19 +17,31 @@ R2_LENGTH = 16
 R1_LENGTH = 8
 R3_LENGTH = 8
 R2_LIFETIME_MS = 300_000
+_RANDOM_DRAW = 4096  # bytes read from os.urandom at once (2,048 R2 values)
 
 
 class JoinTokens:
     def __init__(self, key: bytes, lifetime_ms: int = R2_LIFETIME_MS) -> None:
         self._key = key
         self._lifetime_ms = lifetime_ms
+        self._random = b""
+        self._random_at = 0
+
+    def _random2(self) -> bytes:
+        """Two bytes from the OS's CSPRNG, read in blocks: in a JOIN storm a getrandom call
+        per R2 releases the GIL and waits to get it back from the database threads."""
+        if self._random_at + 2 > len(self._random):
+            self._random, self._random_at = os.urandom(_RANDOM_DRAW), 0
+        at = self._random_at
+        self._random_at = at + 2
+        return self._random[at : at + 2]
 
     def _mac(self, kid: bytes, s2: bytes) -> bytes:
-        return hmac.new(self._key, bytes([len(kid)]) + kid + s2, hashlib.sha256).digest()[:8]
+        return hmac.digest(self._key, bytes([len(kid)]) + kid + s2, "sha256")[:8]
 
     def issue(self, kid: bytes, now_ms: int | None = None) -> bytes:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        s2 = now_ms.to_bytes(6, "big") + os.urandom(2)
+        s2 = now_ms.to_bytes(6, "big") + self._random2()
         return s2 + self._mac(kid, s2)
 
     def verify(self, kid: bytes, r2: bytes, now_ms: int | None = None) -> int | None:

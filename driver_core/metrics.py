@@ -195,6 +195,18 @@ class _DriverCollector(Collector):
             yield CounterMetricFamily(
                 "coap_driver_write_batches", "Group-committed write batches", value=driver.writer.batches
             )
+        health = getattr(driver.db, "health", None)
+        if health is not None:
+            yield GaugeMetricFamily(
+                "coap_driver_storage_writable",
+                "1 while the database takes writes; 0 from a failed write until one succeeds",
+                value=1 if health.writable else 0,
+            )
+            yield CounterMetricFamily(
+                "coap_driver_storage_write_failures",
+                "Database write transactions that failed (connection lost, disk full, read-only)",
+                value=health.failures,
+            )
 
 
 def _status(handle: Any) -> dict[str, Any] | None:

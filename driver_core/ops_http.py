@@ -1,20 +1,25 @@
-"""Operator endpoints next to the REST API: ``GET /metrics`` and ``GET|PUT /ops/logging``.
+"""Operator endpoints next to the REST API: ``GET /metrics``, ``GET|PUT /ops/logging``, ``GET /ops/health``.
 
-Both need an API bearer token (`coap-driver token create NAME`), like the REST
+The first two need an API bearer token (`coap-driver token create NAME`), like the REST
 API, even on localhost: the HTTP listener also serves the web panel and may be
 reachable from other machines. They are not part of the device API (not in its
 OpenAPI document) and sit in front of the web panel's login gate, as a
 middleware, so Prometheus and scripts get plain answers instead of a login page.
+``/ops/health`` alone needs no token: container health checks and load balancers
+call it, and it says nothing but whether this instance can serve (database
+reachable, CoAP listener bound).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy import text
 
 from . import logs
 from .tokens import verify_token
@@ -26,6 +31,8 @@ _LOGGER = logging.getLogger(__name__)
 
 METRICS_PATH = "/metrics"
 LOGGING_PATH = "/ops/logging"
+HEALTH_PATH = "/ops/health"
+HEALTH_DB_TIMEOUT_S = 2.0
 MAX_BODY = 64 * 1024
 
 
@@ -95,12 +102,31 @@ async def _logging(request: web.Request) -> web.StreamResponse:
     return web.json_response(logs.current_levels())
 
 
+async def _health(driver: Driver, request: web.Request) -> web.StreamResponse:
+    """200 ``{"status": "ok"}`` when this instance serves devices, else 503 naming the part."""
+    if request.method != "GET":
+        return _problem(405, "method_not_allowed", "use GET", Allow="GET")
+    if driver.coap_context is None:
+        return web.json_response({"status": "unavailable", "detail": "coap listener not running"}, status=503)
+    try:
+        async with asyncio.timeout(HEALTH_DB_TIMEOUT_S), driver.db.session() as session:
+            await session.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure means "not healthy"; the reason goes to the log only
+        _LOGGER.warning("Health check: database unreachable (%s)", type(exc).__name__)
+        return web.json_response({"status": "unavailable", "detail": "database unreachable"}, status=503)
+    if not driver.db.health.writable:  # reachable, but refusing writes (disk full, read-only)
+        return web.json_response({"status": "unavailable", "detail": "database refuses writes"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
 def ops_middleware(driver: Driver) -> Any:
     """The middleware serving the operator endpoints; every other path goes on."""
 
     @web.middleware
     async def serve(request: web.Request, handler: Any) -> web.StreamResponse:
         path = request.path
+        if path == HEALTH_PATH:
+            return await _health(driver, request)
         if path not in (METRICS_PATH, LOGGING_PATH):
             return await handler(request)
         if not await _authorized(driver, request):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 _LOGGER = logging.getLogger("driver_core.refused")
 
@@ -25,16 +26,33 @@ BAD_PAYLOAD = "bad_payload"
 BAD_JOIN = "bad_join_payload"
 STORAGE = "storage_unavailable"
 JOIN_FIRST = "join_first"  # a data request under a context that exists only for the JOIN
+# A datagram dropped unanswered: its source is over its refusal budget (driver_core/rate_limit.py).
+RATE_LIMITED = "rate_limited"
 
 
 class Refusals:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        # Told the remote of every refusal that has one: the rate limiter charges its source.
+        self.on_refusal: Callable[[object], None] | None = None
+        # Told the remote of a request that looked refusable but was not (driver_core/rate_limit.py).
+        self.on_cleared: Callable[[object], None] | None = None
+
+    def count(self, reason: str) -> None:
+        """Count without a log line: a flood must not turn into a flood of log lines."""
+        self.counts[reason] += 1
+
+    def cleared(self, remote: object) -> None:
+        """A request naming a kid the driver had not cached came from an enrolled device."""
+        if self.on_cleared is not None:
+            self.on_cleared(remote)
 
     def record(
         self, reason: str, *, remote: object = None, kid: bytes | None = None, serial: str | None = None, detail: str = ""
     ) -> None:
         self.counts[reason] += 1
+        if remote is not None and self.on_refusal is not None and reason != RATE_LIMITED:
+            self.on_refusal(remote)
         kid_hex = kid.hex() if kid is not None else None
         where = str(remote) if remote is not None else None
         _LOGGER.warning(

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiocoap
+from aiocoap.message import Direction
 from aiocoap.numbers.types import Type
 
 DEFAULT_LIFETIME = 60.0
@@ -100,7 +101,9 @@ class ResponseCache:
             self.duplicates += 1
             stored = self._stored.get(key)
             if message.mtype is Type.CON and stored is not None:
-                self._manager._send_via_transport(aiocoap.Message.decode(stored[0], stored[1]))
+                again = aiocoap.Message.decode(stored[0], stored[1])
+                again.direction = Direction.OUTGOING  # decode() marks it incoming; encode() refuses that
+                self._manager._send_via_transport(again)
             return True
         self._keys[key] = now + self.lifetime
         return False

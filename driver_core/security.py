@@ -20,6 +20,7 @@ from aiocoap.oscore import COSE_KID, COSE_KID_CONTEXT, ReplayError
 from sqlalchemy import func, select
 
 from . import refusals as why
+from .batch_loader import BatchLoader
 from .join_tokens import R1_LENGTH, R2_LENGTH, R3_LENGTH, JoinTokens
 from .oscore_context import (
     DRIVER_SENDER_ID,
@@ -60,6 +61,10 @@ class DeviceState:
     context_r2_ms: int = 0
 
 
+class PossiblyStaleContext(Exception):
+    """Cluster mode: a replay under the cached context; another instance may hold a newer one."""
+
+
 class DeviceContext(PairwiseContext):
     """A device's context on the driver side, tied to its cached state.
 
@@ -84,17 +89,23 @@ class DeviceContext(PairwiseContext):
         self.seq_reserved = self.sender_sequence_number
 
     refusals: Refusals | None = None
+    shared = False  # cluster mode: a replay may only mean this cached context is stale
 
     def unprotect(self, protected_message, request_id=None):
         try:
-            return super().unprotect(protected_message, request_id)
+            unprotected, seqno = super().unprotect(protected_message, request_id)
         except ReplayError:
+            if self.shared:
+                raise PossiblyStaleContext() from None
             if self.refusals is not None:
                 self.refusals.record(
                     why.REPLAY, remote=protected_message.remote, kid=self.device.kid,
                     serial=self.device.serial,
                 )
             raise
+        # The cluster check (driver_core.writer) compares it with the shared replay window.
+        unprotected.oscore_seqno = int.from_bytes(seqno.partial_iv, "big")
+        return unprotected, seqno
 
     def context_for_response(self):
         return self.join_answer if self.join_answer is not None else self
@@ -125,6 +136,9 @@ class DeviceCredentials:
         self._by_kid: OrderedDict[bytes, DeviceState] = OrderedDict()
         self._unknown: dict[bytes, float] = {}
         self._fleet_stamp: tuple[int, int | None] | None = None
+        self.shared = False  # cluster mode: other instances write the same devices
+        # Concurrent cache misses (a JOIN storm) are read in one query.
+        self._loads: BatchLoader[bytes, DeviceState] = BatchLoader(self._load_many)
 
     # -- cache ---------------------------------------------------------------
     async def preload(self, kid: bytes) -> DeviceState | None:
@@ -146,6 +160,29 @@ class DeviceCredentials:
         while len(self._by_kid) > self._cache_size:
             self._by_kid.popitem(last=False)
         return state
+
+    # -- cluster mode: another instance may have committed a newer context -------------
+    def names_other_context(self, state: DeviceState, unprotected: dict) -> bool:
+        """True when a request names a post-JOIN context that is not the cached one."""
+        received = unprotected.get(COSE_KID_CONTEXT)
+        if received is None or state.context is None:
+            return False
+        if kid_context_matches(received, state.context.id_context):
+            return False
+        raw = unwrap_kid_context(received)
+        return raw is not None and len(raw) == R2_LENGTH + R3_LENGTH
+
+    async def reload(self, kid: bytes) -> DeviceState | None:
+        """Read the device again from the database (its context may be newer there)."""
+        self.forget(kid)
+        return await self.preload(kid)
+
+    async def reloaded_other_context(self, state: DeviceState) -> bool:
+        """After a failed verification: reload; True when the database holds another context."""
+        fresh = await self.reload(state.kid)
+        if fresh is None or fresh.context is None:
+            return False
+        return state.context is None or fresh.context.id_context != state.context.id_context
 
     def forget(self, kid: bytes) -> None:
         """Drop a device from the cache (deleted, re-enrolled, or restored elsewhere)."""
@@ -179,43 +216,55 @@ class DeviceCredentials:
                 self._by_kid.pop(kid, None)
 
     async def _load(self, kid: bytes) -> DeviceState | None:
+        return await self._loads.load(kid)
+
+    async def _load_many(self, kids: list[bytes]) -> dict[bytes, DeviceState]:
+        """The devices (with their stored context) of `kids`, in one query; absent kids are left out."""
         async with self._db.session() as session:
-            row = (
+            rows = (
                 await session.execute(
-                    select(Device, SecurityContext)
+                    select(
+                        Device.id, Device.serial, Device.hw_type, Device.kid,
+                        Device.master_secret_enc, Device.master_salt_enc, Device.tx_interval,
+                        Device.join_date, Device.last_seen, Device.firmware, Device.uplinks_since_join,
+                        SecurityContext.id_context, SecurityContext.sender_seq_reserved,
+                        SecurityContext.replay_index, SecurityContext.replay_bitfield,
+                        SecurityContext.r2_issued_ms,
+                    )
                     .outerjoin(SecurityContext, SecurityContext.device_id == Device.id)
-                    .where(Device.kid == kid)
+                    .where(Device.kid.in_(kids))
                 )
-            ).first()
-        if row is None:
-            return None
-        device, stored = row
-        state = DeviceState(
-            device_id=device.id,
-            serial=device.serial,
-            hw_type=device.hw_type,
-            kid=device.kid,
-            master_secret=self._box.decrypt(device.master_secret_enc),
-            master_salt=self._box.decrypt(device.master_salt_enc),
-            tx_interval=device.tx_interval,
-            join_date=device.join_date,
-            last_seen=device.last_seen,
-            firmware=device.firmware,
-            uplinks_since_join=device.uplinks_since_join,
-        )
-        if stored is not None:
-            context = DeviceContext(
-                state,
-                "current",
-                stored.id_context,
-                # Never reuse a sequence number handed out before a restart.
-                sender_sequence_number=stored.sender_seq_reserved,
-                replay_state=(stored.replay_index, stored.replay_bitfield),
+            ).all()
+        states: dict[bytes, DeviceState] = {}
+        for row in rows:
+            state = DeviceState(
+                device_id=row.id,
+                serial=row.serial,
+                hw_type=row.hw_type,
+                kid=bytes(row.kid),
+                master_secret=self._box.decrypt(row.master_secret_enc),
+                master_salt=self._box.decrypt(row.master_salt_enc),
+                tx_interval=row.tx_interval,
+                join_date=row.join_date,
+                last_seen=row.last_seen,
+                firmware=row.firmware,
+                uplinks_since_join=row.uplinks_since_join,
             )
-            context.refusals = self._refusals
-            state.context = context
-            state.context_r2_ms = stored.r2_issued_ms
-        return state
+            if row.id_context is not None:
+                context = DeviceContext(
+                    state,
+                    "current",
+                    row.id_context,
+                    # Never reuse a sequence number handed out before a restart.
+                    sender_sequence_number=row.sender_seq_reserved,
+                    replay_state=(row.replay_index, row.replay_bitfield),
+                )
+                context.refusals = self._refusals
+                context.shared = self.shared
+                state.context = context
+                state.context_r2_ms = row.r2_issued_ms
+            states[state.kid] = state
+        return states
 
     # -- aiocoap's credentials interface ----------------------------------------
     def find_oscore(self, unprotected: dict) -> DeviceContext:
@@ -262,6 +311,7 @@ class DeviceCredentials:
             raise KeyError("superseded or stale R2")
         c3 = DeviceContext(state, "join3", r2r3)
         c3.refusals = self._refusals
+        c3.shared = self.shared
         c3.r2_ms = issued_ms
         return c3
 

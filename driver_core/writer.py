@@ -17,11 +17,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, insert, update
+from aiocoap.oscore import ReplayWindow
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from .downlinks import DownlinkStateEvent, StateChange, apply_changes
 from .events import EVENT_DOWNLINK_STATE, EVENT_UPLINK, EventBus
+from .oscore_context import REPLAY_WINDOW
 from .storage.models import Device, OutboxMessage, SecurityContext, UplinkRecord
 from .tasks import cancel_and_wait
 from .uplink import Uplink
@@ -38,6 +40,15 @@ class StorageUnavailable(Exception):
     """The database refused a write; the device is answered 5.03 and will retry."""
 
 
+class SharedStateRefused(Exception):
+    """Cluster mode: another instance already accepted this sequence number (`replay`)
+    or committed a newer context (`superseded`); the device is answered 4.01."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 @dataclass(slots=True)
 class WriteJob:
     state: DeviceState
@@ -47,6 +58,8 @@ class WriteJob:
     joined: bool = False  # the context is a new C3 to commit
     downlink_changes: list[StateChange] = field(default_factory=list)
     downlink_events: list[DownlinkStateEvent] = field(default_factory=list)
+    seqno: int | None = None  # the request's OSCORE sequence number (cluster replay check)
+    refused: str | None = None  # set by the cluster check: "replay" or "superseded"
 
 
 class UplinkWriter:
@@ -100,15 +113,20 @@ class UplinkWriter:
                 self._done(batch)
 
     def _fail(self, batch: list[tuple[WriteJob, asyncio.Future[None]]], exc: Exception) -> None:
-        _LOGGER.error("Could not store %d uplink(s): %s", len(batch), exc)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # not the SQL text
+        _LOGGER.error("Could not store %d uplink(s): %s", len(batch), reason)
         for job, future in batch:
             job.downlink_events.clear()
             if not future.done():
-                future.set_exception(StorageUnavailable(str(exc)))
+                future.set_exception(StorageUnavailable(reason))
 
     def _done(self, batch: list[tuple[WriteJob, asyncio.Future[None]]]) -> None:
         self.batches += 1
         for job, future in batch:
+            if job.refused is not None:
+                if not future.done():
+                    future.set_exception(SharedStateRefused(job.refused))
+                continue
             if job.uplink is not None:
                 self._bus.fire(EVENT_UPLINK, job.uplink)
             for event in job.downlink_events:
@@ -122,9 +140,10 @@ class UplinkWriter:
 
 def write_batch(session: Session, jobs: list[WriteJob]) -> None:
     """One transaction for a batch: contexts, uplinks, outbox rows, devices, downlinks, windows."""
-    for job in jobs:
-        if job.joined:
-            _store_new_context(session, job)
+    instance_id = session.info.get("instance_id")
+    if instance_id is not None:
+        jobs = check_shared_state(session, jobs)
+    _store_new_contexts(session, [job for job in jobs if job.joined])
     uplink_jobs = [job for job in jobs if job.uplink is not None]
     if uplink_jobs:
         session.execute(
@@ -151,6 +170,7 @@ def write_batch(session: Session, jobs: list[WriteJob]) -> None:
                     "serial": job.uplink.serial,
                     "document": job.uplink.document_json,
                     "created_at": job.uplink.rx_date,
+                    "instance_id": instance_id,
                 }
                 for job in uplink_jobs
             ],
@@ -189,18 +209,114 @@ def write_batch(session: Session, jobs: list[WriteJob]) -> None:
         )
 
 
-def _store_new_context(session: Session, job: WriteJob) -> None:
-    """The device's only context from now on (RFC 8613 B.2 step 4): replace the old one."""
-    index, bitfield = job.context.replay_state()
-    session.execute(delete(SecurityContext).where(SecurityContext.device_id == job.state.device_id))
-    session.execute(
-        insert(SecurityContext).values(
-            device_id=job.state.device_id,
-            id_context=job.context.id_context,
-            r2_issued_ms=job.context.r2_ms,
-            sender_seq_reserved=job.context.seq_reserved,
-            replay_index=index,
-            replay_bitfield=bitfield,
-            established_at=job.uplink.rx_date if job.uplink else job.state.join_date,
+def _store_new_contexts(session: Session, jobs: list[WriteJob]) -> None:
+    """Each device's only context from now on (RFC 8613 B.2 step 4): replace the old ones.
+
+    Two statements for the whole batch, not two per JOIN; when one device joined
+    twice in the batch, the later JOIN wins, as it would one after the other.
+    """
+    if not jobs:
+        return
+    latest = {job.state.device_id: job for job in jobs}
+    table = SecurityContext.__table__  # Core statements: no ORM bulk machinery per batch
+    session.execute(delete(table).where(table.c.device_id.in_(list(latest))))
+    rows = []
+    for job in latest.values():
+        index, bitfield = job.context.replay_state()
+        rows.append(
+            {
+                "device_id": job.state.device_id,
+                "id_context": job.context.id_context,
+                "r2_issued_ms": job.context.r2_ms,
+                "sender_seq_reserved": job.context.seq_reserved,
+                "replay_index": index,
+                "replay_bitfield": bitfield,
+                "established_at": job.uplink.rx_date if job.uplink else job.state.join_date,
+            }
         )
-    )
+    session.execute(insert(table), rows)
+
+
+def check_shared_state(session: Session, jobs: list[WriteJob]) -> list[WriteJob]:
+    """Cluster mode: the jobs another instance has not made stale; the others get `refused`.
+
+    The device rows are locked (in id order, so two instances never deadlock)
+    until this transaction commits: what each device row and replay window
+    says is the truth for every instance. A sequence number accepted anywhere
+    is a replay here; a context superseded by a JOIN elsewhere is refused; the
+    counters the uplink document shows come from the database, not from this
+    instance's cache.
+    """
+    device_ids = sorted({job.state.device_id for job in jobs})
+    rows = {
+        row.id: row
+        for row in session.execute(
+            select(
+                Device.id,
+                Device.join_date,
+                Device.last_seen,
+                Device.uplinks_since_join,
+                Device.tx_interval,
+                Device.firmware,
+                SecurityContext.id_context,
+                SecurityContext.r2_issued_ms,
+                SecurityContext.replay_index,
+                SecurityContext.replay_bitfield,
+            )
+            .outerjoin(SecurityContext, SecurityContext.device_id == Device.id)
+            .where(Device.id.in_(device_ids))
+            .order_by(Device.id)
+            .with_for_update(of=Device)
+        )
+    }
+    shared = {device_id: dict(row._mapping) for device_id, row in rows.items()}
+    accepted = []
+    for job in jobs:
+        job.refused = None
+        row = shared.get(job.state.device_id)
+        if row is None:
+            job.refused = "superseded"  # the device was removed meanwhile
+            continue
+        if job.joined:
+            if row["r2_issued_ms"] is not None and row["r2_issued_ms"] >= job.context.r2_ms:
+                job.refused = "superseded"
+                continue
+            index, bitfield = job.context.replay_state()
+            row.update(
+                id_context=job.context.id_context, r2_issued_ms=job.context.r2_ms,
+                replay_index=index, replay_bitfield=bitfield,
+            )
+        elif row["id_context"] != job.context.id_context:
+            job.refused = "superseded"
+            continue
+        elif job.seqno is not None:
+            window = ReplayWindow(REPLAY_WINDOW, lambda: None)
+            window.initialize_from_persisted(
+                {"index": row["replay_index"], "bitfield": row["replay_bitfield"]}
+            )
+            if not window.is_valid(job.seqno):
+                job.refused = "replay"
+                continue
+            window.strike_out(job.seqno)
+            merged = window.persist()
+            row.update(replay_index=merged["index"], replay_bitfield=merged["bitfield"])
+            job.context.recipient_replay_window.initialize_from_persisted(merged)
+        _adopt_shared_counters(job, row)
+        accepted.append(job)
+    return accepted
+
+
+def _adopt_shared_counters(job: WriteJob, row: dict) -> None:
+    """Make the job's uplink and the cached device state agree with the locked row."""
+    state, uplink = job.state, job.uplink
+    state.tx_interval = row["tx_interval"]
+    if uplink is None:
+        return
+    uplink.last_seen = row["last_seen"]
+    if not job.joined:  # a JOIN's own values (join_date, firmware, counter reset) win
+        state.join_date = uplink.join_date = row["join_date"]
+        counted = uplink.message_type != "join"
+        state.uplinks_since_join = row["uplinks_since_join"] + (1 if counted else 0)
+        if counted:
+            state.firmware = row["firmware"]
+    row.update(last_seen=uplink.rx_date, uplinks_since_join=state.uplinks_since_join)

@@ -20,13 +20,18 @@ FAST = CoapTiming(ack_timeout=0.5, max_retransmit=2)
 
 
 def write_config(
-    config_dir: Path, database_url: str | None = None, extra: str = "", coap_port: int = 0
+    config_dir: Path, database_url: str | None = None, extra: str = "", coap_port: int = 0,
+    http: str = "",
 ) -> None:
-    """A configuration for tests: CoAP on a free loopback port, no MQTT unless `extra` adds it."""
+    """A configuration for tests: CoAP on a free loopback port, no MQTT unless `extra` adds it.
+
+    `http` adds indented lines to the http section (e.g. "  auth_failures_per_minute: 0\n").
+    """
     config_dir.mkdir(parents=True, exist_ok=True)
     database = f"database:\n  url: {database_url}\n" if database_url else ""
     (config_dir / "configuration.yaml").write_text(
-        f"coap:\n  host: 127.0.0.1\n  port: {coap_port}\nhttp:\n  host: 127.0.0.1\n  port: 0\n{database}{extra}",
+        f"coap:\n  host: 127.0.0.1\n  port: {coap_port}\nhttp:\n  host: 127.0.0.1\n  port: 0\n{http}"
+        f"{database}{extra}",
         encoding="utf-8",
     )
 

@@ -151,11 +151,13 @@ class Mosquitto:
         *,
         tls: TlsFiles | None = None,
         persistence: bool = False,
+        options: tuple[str, ...] = (),
     ) -> None:
         self.directory = directory
         self.port = port or free_port()
         self.tls = tls
         self.persistence = persistence
+        self.options = options  # more mosquitto.conf lines, e.g. "max_queued_messages 0"
         self.log: list[str] = []
         self._process: asyncio.subprocess.Process | None = None
         self._drain: asyncio.Task[None] | None = None
@@ -183,6 +185,7 @@ class Mosquitto:
             ]
         if self.persistence:
             lines += ["persistence true", f"persistence_location {self.directory}/"]
+        lines += self.options
         return "\n".join(lines) + "\n"
 
     async def start(self, timeout: float = 10.0) -> None:
@@ -237,6 +240,9 @@ class Received:
     topic: str
     payload: bytes
     retain: bool
+    # The packet id the broker delivered it with: a broker resending an unacknowledged
+    # delivery to a persistent session uses the same one (tests/test_faults.py).
+    mid: int = 0
 
 
 @dataclass
@@ -298,7 +304,10 @@ class Collector:
                         if isinstance(payload, str):
                             payload = payload.encode()
                         self.messages.append(
-                            Received(str(message.topic), bytes(payload or b""), message.retain)
+                            Received(
+                                str(message.topic), bytes(payload or b""), message.retain,
+                                message.mid,
+                            )
                         )
                         self._arrived.set()
             except aiomqtt.MqttError as exc:

@@ -37,6 +37,7 @@ from custom_components.callbacks import (
 )
 from custom_components.callbacks.delivery import backoff_delay
 from custom_components.callbacks.sender import shown_url
+from custom_components.callbacks.store import CallbackStore
 from driver_core.components import builtin_components_dir, import_integration, read_manifest
 from driver_core.driver import Driver
 from driver_core.enrollment import DeviceInput, add_device
@@ -171,6 +172,7 @@ class StateEvent:
     state: int
     at: datetime
     callback_url: str | None
+    downlink_row_id: int | None = None  # set by the real core: the callback is sent from the event
 
 
 class Core:
@@ -201,7 +203,13 @@ class Core:
         return row
 
     async def change(
-        self, downlink: Downlink, state: int, at: datetime | None = None, *, fire: bool = True
+        self,
+        downlink: Downlink,
+        state: int,
+        at: datetime | None = None,
+        *,
+        fire: bool = True,
+        with_row_id: bool = False,
     ) -> StateEvent:
         at = at or utcnow()
         async with self.db.session() as session, session.begin():
@@ -212,7 +220,8 @@ class Core:
             session.add(row)
             await session.flush()
             event = StateEvent(
-                row.id, downlink.command_id, "A0000001", state, at, downlink.callback_url
+                row.id, downlink.command_id, "A0000001", state, at, downlink.callback_url,
+                downlink.id if with_row_id else None,
             )
         if fire:
             self.bus.fire(EVENT_DOWNLINK_STATE, event)
@@ -558,6 +567,25 @@ async def test_late_commit_below_the_read_position_is_delivered(
         assert [r.path for r in receiver.requests] == ["/late", "/early"]
     finally:
         await db.stop()
+
+
+async def test_a_change_committed_here_is_sent_from_its_event_without_a_read(
+    core: Core, setup: Setup, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The core's events carry the downlink row: the callback goes out even while the
+    table cannot be read, and is then marked delivered in it."""
+    integration = await setup(core)
+    downlink = await core.downlink("direct", receiver.url("/cb"))
+
+    async def unreadable(self: CallbackStore, from_id: int, limit: int) -> list[Any]:
+        raise OSError("reads are broken")
+
+    monkeypatch.setattr(CallbackStore, "pending", unreadable)
+    first = await core.change(downlink, 2, with_row_id=True)
+    second = await core.change(downlink, 3, with_row_id=True)
+    await integration.async_wait_status(lambda s: s["delivered"] == 2)
+    assert receiver.bodies("/cb") == [body("direct", 2, first.at), body("direct", 3, second.at)]
+    assert await core.events("direct") == [(2, "delivered", 1, None), (3, "delivered", 1, None)]
 
 
 async def test_unload_with_a_request_in_flight(

@@ -12,8 +12,12 @@ from aiocoap.numbers.codes import Code
 
 from driver_core.device_client import JoinRefused
 from driver_core.driver import Driver
+from driver_core.enrollment import add_device
 from driver_core.events import EVENT_UPLINK
+from driver_core.security import DeviceContext
 from driver_core.storage.models import Device, SecurityContext
+from driver_core.timefmt import utcnow
+from driver_core.writer import WriteJob, write_batch
 from tests.conftest import UplinkLog, make_device, session_for
 
 RX_PRESSURE = cbor2.dumps({1: 87, 3: -71, 14: 2310})
@@ -268,3 +272,48 @@ async def test_block_wise_uplink_is_refused_clearly(running_driver, enroll):
     answer = await session.send_raw(outer, request_id)
     assert answer.protected and answer.code == Code.REQUEST_ENTITY_TOO_LARGE
     assert answer.payload == b"Block-wise uplinks are not supported; send at most 1024 bytes"
+
+
+async def test_concurrent_cache_misses_are_read_in_one_query(running_driver):
+    devices = [make_device(f"L{i:07d}", 17, 100 + i) for i in range(20)]
+    for device in devices:
+        await add_device(running_driver.db, running_driver.box, device)
+    credentials = running_driver.credentials
+    before = credentials._loads.batches
+    states = await asyncio.gather(
+        *(credentials.preload(device.sender_id) for device in devices), credentials.preload(b"\x7f\x7f")
+    )
+    assert [state.serial for state in states[:-1]] == [device.serial for device in devices]
+    assert [state.master_secret for state in states[:-1]] == [device.master_secret for device in devices]
+    assert states[-1] is None
+    assert credentials._loads.batches == before + 1
+
+
+async def test_devices_joining_together_each_get_their_own_stored_context(running_driver, uplinks, enroll):
+    devices = [make_device(f"J{i:07d}", 24, 150 + i) for i in range(12)]
+    sessions = [await enroll(device) for device in devices]
+    answers = await asyncio.gather(*(session.join("1.0.0", 24) for session in sessions))
+    assert {answer.code for answer in answers} == {Code.CHANGED}
+    async with running_driver.db.session() as db:
+        for device, session in zip(devices, sessions, strict=True):
+            state = running_driver.credentials.cached(device.sender_id)
+            stored = await db.get(SecurityContext, state.device_id)
+            assert stored.id_context == session.context.id_context
+    accepted = await asyncio.gather(*(session.post("rx", RX_PRESSURE) for session in sessions))
+    assert {answer.code for answer in accepted} == {Code.CHANGED}
+
+
+async def test_two_joins_of_one_device_in_one_batch_store_the_later(running_driver, enroll):
+    device = make_device("A0000009", 17, 9)
+    await enroll(device)
+    state = await running_driver.credentials.preload(device.sender_id)
+    state.join_date = utcnow()
+    first = DeviceContext(state, "join3", b"\x01" * 24)
+    first.r2_ms = 1
+    second = DeviceContext(state, "join3", b"\x02" * 24)
+    second.r2_ms = 2
+    jobs = [WriteJob(state, first, None, joined=True), WriteJob(state, second, None, joined=True)]
+    await running_driver.db.run_write(lambda session: write_batch(session, jobs))
+    async with running_driver.db.session() as db:
+        stored = await db.get(SecurityContext, state.device_id)
+    assert (stored.id_context, stored.r2_issued_ms) == (b"\x02" * 24, 2)

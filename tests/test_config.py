@@ -49,14 +49,20 @@ def error_of(config_dir: Path, schemas: dict[str, vol.Schema] = SCHEMAS) -> str:
 def expected_defaults(config_dir: Path, integrations: dict) -> CoreConfig:
     return CoreConfig(
         config_dir=config_dir,
-        coap={"host": "::", "port": 5683, "max_payload": 1024, "context_cache_size": 100000},
+        coap={
+            "host": "::", "port": 5683, "max_payload": 1024, "context_cache_size": 100000,
+            "refusals_per_second": 20, "refusal_burst": 100,
+        },
         database={"url": f"sqlite+aiosqlite:///{config_dir}/coap-driver.db"},
         logger={"default": "INFO", "format": "text", "logs": {}},
-        http={"host": "127.0.0.1", "port": 8080},
+        http={
+            "host": "127.0.0.1", "port": 8080, "auth_failures_per_minute": 10, "auth_failure_burst": 20,
+        },
         retention={"uplinks_days": 30, "downlinks_days": 30},
         devices={"tx_interval": 60, "grace_minutes": 15},
         downlinks={"ack_timeout": 300, "max_pending": 100},
         fota={"stall_minutes": 30},
+        cluster={"enabled": False, "name": None, "heartbeat_seconds": 5, "dead_after_seconds": 30},
         integrations=integrations,
     )
 
@@ -144,8 +150,12 @@ def test_all_keys_set(tmp_path: Path) -> None:
         "port": 0,
         "max_payload": 512,
         "context_cache_size": 0,
+        "refusals_per_second": 20,
+        "refusal_burst": 100,
     }
-    assert config.http == {"host": "::1", "port": 9000}
+    assert config.http == {
+        "host": "::1", "port": 9000, "auth_failures_per_minute": 10, "auth_failure_burst": 20,
+    }
     assert config.logger == {
         "default": "WARNING",
         "format": "text",
@@ -292,7 +302,7 @@ def test_merge_keys_own_keys_win(tmp_path: Path) -> None:
     config = load_configuration(tmp_path, SCHEMAS)
     assert config.coap["host"] == "0.0.0.0"
     assert config.coap["port"] == 5684
-    assert config.http == {"host": "0.0.0.0", "port": 8081}
+    assert (config.http["host"], config.http["port"]) == ("0.0.0.0", 8081)
 
 
 def test_missing_include(tmp_path: Path) -> None:
@@ -350,12 +360,13 @@ BAD_INPUT = [
     ),
     pytest.param(
         "coap:\n  port: 5683\n  prot: 5684\n",
-        "3: coap.prot: unknown key (valid keys: context_cache_size, host, max_payload, port)",
+        "3: coap.prot: unknown key (valid keys: context_cache_size, host, max_payload, port, "
+        "refusal_burst, refusals_per_second)",
         id="unknown-key",
     ),
     pytest.param(
         "coap:\n  port: 5683\nmqqt:\n  qos: 1\n",
-        "3: mqqt: unknown section (valid sections: callbacks, coap, database, devices, downlinks, "
+        "3: mqqt: unknown section (valid sections: callbacks, cluster, coap, database, devices, downlinks, "
         "fota, http, logger, mqtt, retention)",
         id="unknown-section",
     ),
@@ -423,7 +434,7 @@ BAD_INPUT = [
     ),
     pytest.param(
         "coap:\n  port: 1\nhttp:\n  port: 99999\ncoap2: 1\n",
-        "5: coap2: unknown section (valid sections: callbacks, coap, database, devices, downlinks, "
+        "5: coap2: unknown section (valid sections: callbacks, cluster, coap, database, devices, downlinks, "
         "fota, http, logger, mqtt, retention)",
         id="unknown-section-reported-first",
     ),
@@ -456,7 +467,7 @@ def test_required_integration_key_missing_points_at_section(tmp_path: Path) -> N
 def test_section_of_unknown_integration_lists_installed_ones(tmp_path: Path) -> None:
     cfg = write(tmp_path, "mqtt:\n")
     assert error_of(tmp_path, {}) == (
-        f"{cfg}:1: mqtt: unknown section (valid sections: coap, database, devices, downlinks, "
+        f"{cfg}:1: mqtt: unknown section (valid sections: cluster, coap, database, devices, downlinks, "
         "fota, http, logger, retention)"
     )
 

@@ -14,6 +14,7 @@ from driver_core.enrollment import (
     add_device,
     delete_device,
     device_secrets,
+    enroll_devices,
     get_device,
     import_csv,
     list_devices,
@@ -328,3 +329,30 @@ def test_read_devices_csv_reports_first_error() -> None:
             f"serial,hw_type,sender_id,master_secret\nA1,17,01,{SECRET.hex()}\nA2,17,,00\n", HW
         )
     assert str(info.value) == "line 3: sender_id: required"
+
+
+async def test_enroll_in_chunks_reports_collisions_of_a_later_chunk(
+    database: Database, secret_box: SecretBox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks go in with one INSERT each; a chunk that collides is checked row by row."""
+    monkeypatch.setattr("driver_core.enrollment.BULK_CHUNK", 2)
+    await add_device(database, secret_box, device("OLD1", b"\xee"))
+    candidates = [
+        (2, device("C1", b"\x01")),
+        (3, device("C2", b"\x02")),  # chunk 1: clean
+        (4, device("OLD1", b"\x03")),  # chunk 2: serial taken
+        (5, device("C4", b"\x04")),
+        (6, device("C5", b"\xee")),  # chunk 3: kid taken
+    ]
+    report = await enroll_devices(database, secret_box, candidates)
+    assert report == ImportReport(
+        added=["C1", "C2", "C4"],
+        errors=[
+            (4, "serial: OLD1 is already enrolled"),
+            (6, "sender_id: ee is already used by device OLD1"),
+        ],
+    )
+    stored = {d.serial: d for d in await list_devices(database)}
+    assert sorted(stored) == ["C1", "C2", "C4", "OLD1"]
+    assert device_secrets(secret_box, stored["C4"]) == (SECRET, b"")
+    assert stored["C4"].tx_interval == 60 and stored["C4"].uplinks_since_join == 0

@@ -32,6 +32,7 @@ from driver_core.metrics import REASONS
 from driver_core.refusals import Refusals
 from driver_core.tokens import create_token
 from tests.conftest import FAST, make_device, session_for, write_config
+from tests.http_helpers import http_endpoint
 from tests.mqtt_helpers import free_port, wait_until
 
 
@@ -89,29 +90,22 @@ async def ops(tmp_path: Path, restore_levels: None) -> AsyncIterator[Ops]:
         hooks.append(await request.json())
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    hook_port = runner.addresses[0][1]
-    config_dir = tmp_path / "config"
-    write_config(
-        config_dir,
-        extra=f"mqtt:\n  builtin_port: {free_port()}\ncallbacks:\n  retry_for: 0\n",
-    )
-    driver = Driver(config_dir)
-    await driver.start()
-    try:
-        token = await create_token(driver.db, "prometheus")
-        async with aiohttp.ClientSession() as http:
-            setup = Ops(driver, f"http://127.0.0.1:{driver.api.port}", token, http, hooks)
-            setup.hook_url = f"http://127.0.0.1:{hook_port}/hook"  # type: ignore[attr-defined]
-            yield setup
-    finally:
-        await driver.stop()
-        await runner.cleanup()
+    async with http_endpoint("/hook", hook) as hook_port:
+        config_dir = tmp_path / "config"
+        write_config(
+            config_dir,
+            extra=f"mqtt:\n  builtin_port: {free_port()}\ncallbacks:\n  retry_for: 0\n",
+        )
+        driver = Driver(config_dir)
+        await driver.start()
+        try:
+            token = await create_token(driver.db, "prometheus")
+            async with aiohttp.ClientSession() as http:
+                setup = Ops(driver, f"http://127.0.0.1:{driver.api.port}", token, http, hooks)
+                setup.hook_url = f"http://127.0.0.1:{hook_port}/hook"  # type: ignore[attr-defined]
+                yield setup
+        finally:
+            await driver.stop()
 
 
 # ---- /metrics ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from driver_core.storage.secretbox import SecretBox, SecretBoxError
 TABLES = {
     "devices", "security_contexts", "uplinks", "mqtt_outbox", "integration_settings",
     "downlinks", "downlink_events", "api_tokens", "users",
-    "firmware_images", "firmware_targets", "firmware_updates",
+    "firmware_images", "firmware_targets", "firmware_updates", "instances",
 }
 
 
@@ -63,8 +63,8 @@ def _free_tcp_port() -> int:
 
 
 async def test_migrates_empty_database_to_head(database: Database) -> None:
-    assert head_revision() == "0005"
-    assert await current_revision(database.engine) == "0005"
+    assert head_revision() == "0006"
+    assert await current_revision(database.engine) == head_revision()
     async with database.engine.connect() as conn:
         tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
     assert tables == TABLES | {"alembic_version"}
@@ -95,7 +95,7 @@ async def test_restart_keeps_data_and_revision(db_url: str) -> None:
     await db.stop()
     await db.start()
     try:
-        assert await current_revision(db.engine) == "0005"
+        assert await current_revision(db.engine) == "0006"
         async with db.session() as session:
             assert (await session.execute(text("SELECT serial FROM mqtt_outbox"))).all() == [
                 ("A1",)
@@ -180,7 +180,7 @@ async def test_database_from_a_newer_release(db_url: str) -> None:
     message = await _open_error(db_url)
     assert message.startswith(
         f"cannot migrate database {mask_url(db_url)}: it is at schema revision '0099', which "
-        "this version of coap-driver does not know (newest known: '0005'); was it written by a "
+        f"this version of coap-driver does not know (newest known: '{head_revision()}'); was it written by a "
         "newer release? ("
     )
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from driver_core.cluster import EVENT_DOWNLINK_ROWS
 from driver_core.events import EVENT_DOWNLINK_STATE
 from driver_core.integration_base import SettingsError, WatchableStatus
 
 from .config_flow import DOMAIN, SETTINGS_SCHEMA, async_validate, async_validated
 from .delivery import CallbackDelivery
 from .sender import SIGNATURE_HEADER, TIMESTAMP_HEADER, callback_body, signature
-from .store import CallbackStore
+from .store import CallbackStore, PendingCallback
 
 __all__ = [
     "DOMAIN",
@@ -67,7 +68,13 @@ class CallbacksIntegration(WatchableStatus):
 
     def async_start(self) -> None:
         self._delivery.start()
-        self._unlisten = self._driver.bus.listen(EVENT_DOWNLINK_STATE, self._on_state)
+        unlisteners = [
+            self._driver.bus.listen(EVENT_DOWNLINK_STATE, self._on_state),
+            # Cluster mode: owed callbacks committed by other instances (the payload is the
+            # lowest new event id), or all of them when this instance becomes the leader.
+            self._driver.bus.listen(EVENT_DOWNLINK_ROWS, self._delivery.notify),
+        ]
+        self._unlisten = lambda: [unlisten() for unlisten in unlisteners]
 
     async def async_reload(self, settings: dict[str, Any] | None) -> None:
         """Apply new settings from the next attempt on, without dropping anything owed.
@@ -85,5 +92,17 @@ class CallbacksIntegration(WatchableStatus):
         await self._delivery.close()
 
     def _on_state(self, event: Any) -> None:
-        if getattr(event, "callback_url", None):
-            self._delivery.notify(getattr(event, "event_id", None))
+        url = getattr(event, "callback_url", None)
+        if not url:
+            return
+        row_id = getattr(event, "downlink_row_id", None)
+        if row_id is not None and getattr(self._driver.db, "leads_downlink_events", True):
+            # Committed in this process with everything a callback needs: send it without
+            # reading it back (a read costs several loop turns under load). Rows this process
+            # did not announce are still found: other instances' through EVENT_DOWNLINK_ROWS,
+            # anything else by the periodic full read.
+            self._delivery.offer(
+                PendingCallback(event.event_id, row_id, event.command_id, event.state, event.at, url, 0)
+            )
+            return
+        self._delivery.notify(getattr(event, "event_id", None))

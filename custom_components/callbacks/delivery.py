@@ -97,6 +97,14 @@ class CallbackDelivery:
             self._hint = event_id
         self._wake.set()
 
+    def offer(self, row: PendingCallback) -> None:
+        """An owed callback just committed in this process: queue it at once.
+
+        The table stays the source of truth: a read finds the row already
+        known and skips it, and after a restart the row is read like any other.
+        """
+        self._enqueue(row)
+
     async def close(self) -> None:
         tasks = [task for task in (self._runner, *self._tasks.values()) if task is not None]
         for task in tasks:

@@ -33,7 +33,10 @@ class CallbackStore:
         self._db = db
 
     async def pending(self, from_id: int, limit: int) -> list[PendingCallback]:
-        """Owed callbacks with id >= `from_id`, lowest id first."""
+        """Owed callbacks with id >= `from_id`, lowest id first (none unless this
+        instance is the cluster's leader: one sender keeps each downlink's order)."""
+        if not self._db.leads_downlink_events:
+            return []
         query = (
             select(
                 DownlinkEvent.id,

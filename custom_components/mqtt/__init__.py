@@ -35,6 +35,7 @@ from typing import Any
 import aiomqtt
 
 from driver_core.broker import BrokerError, BuiltinBroker
+from driver_core.cluster import EVENT_DOWNLINK_ROWS, EVENT_OUTBOX_ADOPTED
 from driver_core.events import EVENT_DOWNLINK_STATE, EVENT_FOTA_STATE, EVENT_UPLINK
 from driver_core.integration_base import SettingsError, WatchableStatus
 from driver_core.timefmt import utcnow
@@ -73,6 +74,7 @@ __all__ = [
 ]
 
 _LOGGER = logging.getLogger(__name__)
+SHARED_SUBSCRIPTION_GROUP = "$share/coap-driver"  # cluster mode: one instance per command
 
 MessageCallback = Callable[[str, bytes, bool], None]
 
@@ -202,6 +204,11 @@ class MqttIntegration(WatchableStatus):
     # ---- lifecycle ---------------------------------------------------------------
 
     async def async_start(self) -> None:
+        if self._settings["broker"] == BROKER_BUILTIN and getattr(self._driver, "cluster", None):
+            raise SettingsError(
+                "broker: several driver instances (cluster) need one external broker they all "
+                "use; set broker: external and url"
+            )
         if self._settings["broker"] == BROKER_BUILTIN:
             self._broker = await self._start_builtin(self._settings)
         try:
@@ -215,6 +222,9 @@ class MqttIntegration(WatchableStatus):
         self._unlisteners = [
             self._driver.bus.listen(EVENT_UPLINK, self._on_uplink),
             self._driver.bus.listen(EVENT_DOWNLINK_STATE, self._on_downlink_state),
+            # Cluster mode: rows committed by other instances, adopted or to lead.
+            self._driver.bus.listen(EVENT_DOWNLINK_ROWS, self._on_downlink_state),
+            self._driver.bus.listen(EVENT_OUTBOX_ADOPTED, lambda _count: self._publisher.notify()),
             self._driver.bus.listen(EVENT_FOTA_STATE, self._on_fota_state),
         ]
         self._start_runner()
@@ -430,7 +440,11 @@ class MqttIntegration(WatchableStatus):
     def _wanted_subscription(self) -> tuple[str, int] | None:
         if self._receiver is None:
             return None
-        return self._receiver.topic.filter, self._settings["qos"]
+        topic_filter = self._receiver.topic.filter
+        if getattr(self._driver, "cluster", None) is not None:
+            # Several instances: a shared subscription hands each command to one of them.
+            topic_filter = f"{SHARED_SUBSCRIPTION_GROUP}/{topic_filter}"
+        return topic_filter, self._settings["qos"]
 
     async def _sync_subscription(self, on_connect: bool = False) -> None:
         """Make the live subscription match the command topic and QoS of the settings.

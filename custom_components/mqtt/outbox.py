@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Select, delete, func, select
 from sqlalchemy.orm import Session
 
 from driver_core.storage.models import OutboxMessage
@@ -27,9 +27,15 @@ class Outbox:
     def __init__(self, db: Any) -> None:
         self._db = db
 
+    def _mine(self, query: Select) -> Select:
+        """Cluster mode: only the rows this instance owns (the others publish theirs)."""
+        if self._db.instance_id is None:
+            return query
+        return query.where(OutboxMessage.instance_id == self._db.instance_id)
+
     async def oldest(self, limit: int) -> list[OutboxRow]:
         """Up to `limit` waiting rows, lowest id first."""
-        query = (
+        query = self._mine(
             select(OutboxMessage.id, OutboxMessage.serial, OutboxMessage.document)
             .order_by(OutboxMessage.id)
             .limit(limit)
@@ -40,7 +46,8 @@ class Outbox:
 
     async def count(self) -> int:
         async with self._db.session() as session:
-            return int((await session.execute(select(func.count(OutboxMessage.id)))).scalar_one())
+            query = self._mine(select(func.count(OutboxMessage.id)))
+            return int((await session.execute(query)).scalar_one())
 
     async def delete(self, ids: Iterable[int]) -> int:
         """Remove delivered rows; returns how many were removed.

@@ -77,7 +77,13 @@ class StatusStore:
         self._db = db
 
     async def unsent(self, limit: int) -> list[StatusRow]:
-        """Up to `limit` state changes the broker does not have yet, lowest id first."""
+        """Up to `limit` state changes the broker does not have yet, lowest id first.
+
+        In cluster mode only the leader publishes them (driver_core.cluster): one
+        publisher keeps each downlink's states in order.
+        """
+        if not self._db.leads_downlink_events:
+            return []
         query = (
             select(
                 DownlinkEvent.id,

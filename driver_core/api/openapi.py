@@ -209,7 +209,12 @@ _ERRORS = {
     404: "Not found",
     413: "The request body is too large",
     415: "The request body is not application/json",
+    429: "Too many failed authentications from this address; retry after Retry-After seconds",
     500: "Unexpected error (details in the driver log)",
+}
+_RETRY_AFTER = {
+    "description": "Seconds until this address may fail to authenticate again",
+    "schema": {"type": "integer", "minimum": 1},
 }
 
 
@@ -276,7 +281,7 @@ def _operation(op: Operation, driver: Driver) -> dict[str, Any]:
     elif op.raw_body is not None:
         entry["requestBody"] = op.raw_body
     responses = {str(status): _response(response) for status, response in op.responses.items()}
-    implied = [401, 500]
+    implied = [401, 429, 500]
     if parameters or body is not None or op.raw_body is not None:
         implied.append(400)
     if op.path_params is not None:
@@ -285,6 +290,7 @@ def _operation(op: Operation, driver: Driver) -> dict[str, Any]:
         implied += [413, 415]
     for status in implied:
         responses.setdefault(str(status), _response(Response(_ERRORS[status], "Error")))
+    responses["429"].setdefault("headers", {"Retry-After": _RETRY_AFTER})
     entry["responses"] = dict(sorted(responses.items()))
     return entry
 

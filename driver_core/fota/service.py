@@ -34,6 +34,7 @@ from driver_core.storage.models import Device
 from driver_core.tasks import cancel_and_wait
 from driver_core.timefmt import utcnow, zulu_millis
 
+from ..storage.health import log_retry
 from . import library
 from .blockwise import Block, BlockRequest, read_block
 from .library import (
@@ -262,8 +263,8 @@ class FotaService:
                 if loop.time() >= next_poll:
                     next_poll = loop.time() + self.poll_interval
                     await self.reload_if_changed()
-            except Exception:  # the database may be away for a while; try again next round
-                _LOGGER.exception("FOTA bookkeeping failed; retrying")
+            except Exception as exc:  # the database may be away for a while; try again next round
+                log_retry(_LOGGER, "FOTA bookkeeping", exc)
 
     # -- images and targets --------------------------------------------------------------------
     async def _current_stamp(self) -> tuple[Any, ...]:

@@ -31,6 +31,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session
 
+from .health import WriteHealth, is_storage_failure
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 # Plain driver names a user may write, mapped to the async drivers we ship.
@@ -41,6 +43,8 @@ _ASYNC_DRIVERS = {
 }
 _SUPPORTED = {"sqlite+aiosqlite", "postgresql+asyncpg"}
 _PG_CONNECT_TIMEOUT_S = 10
+# PostgreSQL's read_only_sql_transaction: a hot standby, or default_transaction_read_only set.
+_PG_READ_ONLY = "25006"
 T = TypeVar("T")
 
 
@@ -147,6 +151,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _read_only_is_a_disconnect(context: Any) -> None:
+    """A write refused because the *session* is read-only: drop the pooled connections.
+
+    Read-only mode sticks to a connection for its life (an operator's
+    `default_transaction_read_only`, or a standby reached after a failover), so
+    without this the driver would keep refusing writes after the database takes
+    them again. Treated as a disconnect, the next write opens a fresh connection.
+    """
+    if getattr(context.original_exception, "sqlstate", None) == _PG_READ_ONLY:
+        context.is_disconnect = True
+
+
 def _reason(exc: BaseException) -> str:
     """One line describing ``exc`` without SQLAlchemy's SQL echo and help links."""
     inner: BaseException = exc
@@ -169,6 +185,13 @@ class Database:
         self._writer_thread: ThreadPoolExecutor | None = None
         # Called with the seconds each run_write took (the metrics' write latency).
         self.write_observer: Callable[[float], None] | None = None
+        # Whether run_write succeeds: the log, /metrics and the Status page show it.
+        self.health = WriteHealth(mask_url(url))
+        # Cluster mode (driver_core.cluster): this instance's id, which owns the outbox
+        # rows it writes, and whether it is the one delivering downlink events.
+        # Every session carries the id in `session.info["instance_id"]`.
+        self.instance_id: int | None = None
+        self.leads_downlink_events = True
 
     @property
     def engine(self) -> AsyncEngine:
@@ -201,6 +224,8 @@ class Database:
         engine = create_async_engine(url, hide_parameters=True, **kwargs)
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            event.listen(engine.sync_engine, "handle_error", _read_only_is_a_disconnect)
         try:
             async with engine.connect():
                 pass
@@ -245,25 +270,35 @@ class Database:
         started = time.perf_counter()
         try:
             if self._sync_engine is not None and self._writer_thread is not None:
-                return await asyncio.get_running_loop().run_in_executor(
+                result = await asyncio.get_running_loop().run_in_executor(
                     self._writer_thread, self._run_sync, work
                 )
-            async with self.session() as session, session.begin():
-                return await session.run_sync(work)
+            else:
+                async with self.session() as session, session.begin():
+                    result = await session.run_sync(work)
+        except Exception as exc:
+            if is_storage_failure(exc):
+                self.health.failed(_reason(exc))
+            raise
         finally:
             if self.write_observer is not None:
                 self.write_observer(time.perf_counter() - started)
+        self.health.succeeded()
+        return result
 
     def _run_sync(self, work: Callable[[Session], T]) -> T:
         assert self._sync_engine is not None
         with Session(self._sync_engine, expire_on_commit=False) as session, session.begin():
+            session.info["instance_id"] = self.instance_id
             return work(session)
 
     def session(self) -> AsyncSession:
         """A new session; use as ``async with db.session() as s:``."""
         if self._sessions is None:
             raise RuntimeError("Database.start() has not been called")
-        return self._sessions()
+        session = self._sessions()
+        session.info["instance_id"] = self.instance_id
+        return session
 
 
 def _check_sqlite_location(url: URL, shown: str) -> None:

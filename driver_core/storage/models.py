@@ -122,6 +122,20 @@ class OutboxMessage(Base):
     serial: Mapped[str] = mapped_column(String(16), nullable=False)
     document: Mapped[str] = mapped_column(Text, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    # The instance that publishes the row (cluster mode); NULL with a single instance.
+    instance_id: Mapped[int | None] = mapped_column(Integer, index=True)
+
+
+class Instance(Base):
+    """A running driver instance sharing this database (cluster mode), with its heartbeat."""
+
+    __tablename__ = "instances"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), nullable=False)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
 class IntegrationSettings(Base):

@@ -15,6 +15,8 @@ from typing import Any
 
 import voluptuous as vol
 
+from driver_core.integration_base import is_secret
+
 CLEAR_SUFFIX = "__clear"  # checkbox next to a secret: remove the stored value
 
 
@@ -57,7 +59,7 @@ def describe(schema: vol.Schema) -> list[FormField]:
         default = _default(marker)
         if meta.get("options") is not None:
             kind = "select"
-        elif meta.get("secret"):
+        elif is_secret(marker):  # also what integrations.py encrypts at rest
             kind = "password"
         elif isinstance(default, bool):
             kind = "checkbox"

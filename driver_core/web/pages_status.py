@@ -44,6 +44,7 @@ async def status(request: web.Request) -> web.Response:
         "status.html",
         title="Status",
         coap={"host": the_driver.config.coap["host"], "port": port, "listening": listening},
+        storage=the_driver.db.health,
         integrations=integrations,
         per_minute=per_minute or 0,
         per_hour_avg=round((last_hour or 0) / 60, 1),

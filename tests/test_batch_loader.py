@@ -1,0 +1,90 @@
+"""BatchLoader: concurrent misses share one query; nothing is read before it was asked for."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from driver_core.batch_loader import BatchLoader
+
+
+class Table:
+    """A stand-in for the database: records each batch, answers when released."""
+
+    def __init__(self, rows: dict[str, int]) -> None:
+        self.rows = rows
+        self.batches: list[list[str]] = []
+        self.release = asyncio.Event()
+        self.reading = asyncio.Event()  # set once a batch has been asked for
+        self.fail: Exception | None = None
+
+    async def load_many(self, keys: list[str]) -> dict[str, int]:
+        self.batches.append(list(keys))
+        self.reading.set()
+        found = {key: self.rows[key] for key in keys if key in self.rows}  # read when asked
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+        return found
+
+
+async def test_concurrent_loads_share_one_batch_and_missing_keys_are_none():
+    table = Table({"a": 1, "b": 2})
+    loader = BatchLoader(table.load_many)
+    waiting = [asyncio.create_task(loader.load(key)) for key in ("a", "b", "a", "zz")]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    table.release.set()
+    assert await asyncio.gather(*waiting) == [1, 2, 1, None]
+    assert table.batches == [["a", "b", "zz"]]
+    assert (loader.batches, loader.loaded) == (1, 3)
+
+
+async def test_a_key_asked_for_during_a_read_waits_for_the_next_batch():
+    table = Table({"a": 1})
+    loader = BatchLoader(table.load_many, linger=0)
+    first = asyncio.create_task(loader.load("a"))
+    await table.reading.wait()
+    table.rows["a"] = 5  # changed after the first read began
+    second = asyncio.create_task(loader.load("a"))
+    await asyncio.sleep(0)
+    table.release.set()
+    assert await first == 1
+    assert await second == 5
+    assert table.batches == [["a"], ["a"]]
+
+
+async def test_a_failed_read_fails_its_waiters_and_the_next_batch_still_runs():
+    table = Table({"a": 1})
+    loader = BatchLoader(table.load_many, linger=0)
+    table.fail = OSError("database gone")
+    table.release.set()
+    with pytest.raises(OSError, match="database gone"):
+        await loader.load("a")
+    table.fail = None
+    assert await loader.load("a") == 1
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_others():
+    table = Table({"a": 1})
+    loader = BatchLoader(table.load_many)
+    impatient = asyncio.create_task(loader.load("a"))
+    patient = asyncio.create_task(loader.load("a"))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    table.release.set()
+    assert await patient == 1
+    assert impatient.cancelled()
+
+
+async def test_misses_in_a_busy_period_linger_to_gather_a_batch():
+    table = Table({f"k{i}": i for i in range(10)})
+    table.release.set()
+    loader = BatchLoader(table.load_many, linger=0.05, busy_window=10)
+    assert await loader.load("k0") == 0  # isolated: read at once
+    first = asyncio.create_task(loader.load("k1"))
+    await asyncio.sleep(0.01)  # lingering: the next misses join the same batch
+    rest = [asyncio.create_task(loader.load(f"k{i}")) for i in range(2, 6)]
+    assert await asyncio.gather(first, *rest) == [1, 2, 3, 4, 5]
+    assert table.batches == [["k0"], ["k1", "k2", "k3", "k4", "k5"]]
