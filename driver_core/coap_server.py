@@ -66,6 +66,7 @@ class DeviceSite(OscoreSiteWrapper):
 
     def __init__(self, inner_site: ResourceTable, credentials: DeviceCredentials, refusals: Refusals):
         super().__init__(inner_site, credentials)
+        self._inner = inner_site
         self._credentials = credentials
         self._refusals = refusals
 
@@ -109,7 +110,7 @@ class DeviceSite(OscoreSiteWrapper):
         """Verify and render; in cluster mode, a failure under the cached context may only mean
         that the device re-joined through another instance: reload it and try once more."""
         try:
-            await super().render_to_pipe(pipe)
+            await self._verify_and_render(pipe)
             return
         except (error.BadRequest, PossiblyStaleContext) as exc:
             shared = self._credentials.shared
@@ -119,10 +120,43 @@ class DeviceSite(OscoreSiteWrapper):
                     raise error.Unauthorized("Replay detected") from None
                 raise
         try:
-            await super().render_to_pipe(pipe)
+            await self._verify_and_render(pipe)
         except PossiblyStaleContext:
             self._refusals.record(why.REPLAY, remote=pipe.request.remote, kid=state.kid, serial=state.serial)
             raise error.Unauthorized("Replay detected") from None
+
+    async def _verify_and_render(self, pipe) -> None:
+        """OSCORE-verify, call the resource, protect its answer: what aiocoap's wrapper does,
+        without the inner pipe and the task it drives (about a tenth of a request's CPU)."""
+        request = pipe.request
+        if request.code not in (Code.FETCH, Code.POST):
+            raise error.MethodNotAllowed()
+        try:
+            context = self._credentials.find_oscore(oscore.verify_start(request))
+        except KeyError:
+            raise error.Unauthorized("Security context not found") from None
+        try:
+            inner, request_id = context.unprotect(request)
+        except oscore.ReplayError:
+            pipe.add_response(
+                aiocoap.Message(code=Code.UNAUTHORIZED, max_age=0, payload=b"Replay detected"),
+                is_last=True,
+            )
+            return
+        except oscore.DecodeError:
+            raise error.BadOption("Failed to decode COSE") from None
+        except oscore.ProtectionInvalid:
+            raise error.BadRequest("Decryption failed") from None
+        inner.remote = OSCOREAddress(context, request.remote)
+        try:
+            response = await self._inner.render(inner)
+        except error.RenderableError as exc:
+            response = exc.to_message()
+        except Exception:
+            _LOGGER.exception("Rendering %s failed", "/" + "/".join(inner.opt.uri_path))
+            response = aiocoap.Message(code=Code.INTERNAL_SERVER_ERROR)
+        protected, _ = context.context_for_response().protect(response, request_id)
+        pipe.add_response(protected, is_last=True)
 
 
 class ResourceTable:
@@ -146,8 +180,8 @@ class ResourceTable:
     def get_resources_as_linkheader(self):  # .well-known/core is not offered to devices
         return LinkFormat([])
 
-    async def render_to_pipe(self, pipe) -> None:
-        request = pipe.request
+    async def render(self, request: aiocoap.Message) -> aiocoap.Message:
+        """The answer of the resource at the request's path (4.04, 4.05 raised)."""
         path = tuple(request.opt.uri_path)
         target = self._resources.get(path)
         if target is None and len(path) == 2:
@@ -161,7 +195,13 @@ class ResourceTable:
                 detail="/" + "/".join(request.opt.uri_path),
             )
             raise error.NotFound()
-        await target.render_to_pipe(pipe)
+        method = getattr(target, _RENDERERS.get(request.code, ""), None)
+        if method is None:
+            raise error.MethodNotAllowed()
+        return await method(request)
+
+
+_RENDERERS = {Code.POST: "render_post", Code.GET: "render_get"}
 
 
 class DeviceResource(resource.Resource):
