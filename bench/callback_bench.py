@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -41,6 +40,7 @@ import aiocoap
 import cbor2
 from aiocoap.numbers.codes import Code
 
+from bench.common import pipe_requests, report_header, write_results
 from bench.loadgen import (
     LoadGenerator,
     UdpPool,
@@ -97,14 +97,7 @@ async def _receive(conn: Connection) -> None:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     conn.send(port)
-    command = asyncio.Event()
-    asyncio.get_running_loop().add_reader(conn.fileno(), command.set)
-    while True:
-        await command.wait()
-        command.clear()
-        if not conn.poll():
-            continue
-        request = conn.recv()
+    async for request in pipe_requests(conn):
         if request[0] == "count":  # ("count", status): callbacks of that status so far
             conn.send(sum(1 for seen in arrivals.values() if request[1] in seen))
         elif request[0] == "report":
@@ -294,11 +287,7 @@ def _errors(results: list[Any]) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="coap-callbacks-"))
-    report: dict[str, Any] = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
+    report = report_header(args)
     receiver = Receiver().start()
     try:
         config_dir = workdir / "config"
@@ -349,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         f"rx {report['rx']}, ack {report['ack']}, duplicates {report['duplicate_callbacks']}, "
         f"driver CPU {report['driver_cpu_percent']} %, separate responses {report['separate_responses']}"
     )
-    out = args.out or Path(f"/tmp/coap-callbacks-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    print(f"results written to {out}")
+    write_results(report, args.out, "callbacks")
     return 0
 
 

@@ -35,13 +35,14 @@ from typing import Any
 
 import psutil
 
+from bench.common import report_header, write_results
 from bench.loadgen import LoadGenerator, UdpPool, bench_device, family_sampler, virtual_devices
 from bench.uplink_bench import (
     CHANGED,
     Sampler,
     Subscriber,
-    _ms,
     families,
+    join_figures,
     start_child,
     summarize_rx,
     write_driver_config,
@@ -130,18 +131,7 @@ async def traffic(
         cpu.begin()
         joins = await gen.join_all(args.join_concurrency)
         cpu.end()
-        out["join"] = {
-            "count": joins.count,
-            "ok": joins.ok,
-            "failed": joins.failed,
-            "errors": joins.errors,
-            "seconds": round(joins.seconds, 2),
-            "per_s": round(joins.ok / max(1e-9, joins.seconds), 1),
-            "latency_ms": {
-                "p50": _ms(sorted(joins.durations)[len(joins.durations) // 2]) if joins.durations else None
-            },
-            "driver_cpu_percent": round(cpu.cpu_percent or 0, 1),
-        }
+        out["join"] = join_figures(joins, cpu)
         out["rss_after_joins_mb"] = rss_mb(driver_pid)
         pool_before = {k: v for k, v in vars(pool.stats).items()}
         cpu = Sampler(driver_pid)
@@ -165,11 +155,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = keep or Path(tempfile.mkdtemp(prefix="coap-fleet-"))
     config_dir = workdir / "config"
     prefix = f"fleet-{uuid.uuid4().hex[:8]}"
-    report: dict[str, Any] = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "loadavg_at_start": os.getloadavg()},
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
+    report = report_header(args)
     try:
         marker = workdir / FLEET_MARKER
         reuse = keep is not None and marker.exists() and json.loads(marker.read_text()).get("devices") == args.devices
@@ -258,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = run(args)
     print_report(report)
-    out = args.out or Path(f"/tmp/coap-fleet-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    print(f"\nresults written to {out}")
+    write_results(report, args.out, "fleet")
     return 0
 
 

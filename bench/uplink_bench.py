@@ -36,8 +36,10 @@ from typing import Any
 
 import psutil
 
+from bench.common import pipe_requests, report_header, write_results
 from bench.loadgen import (
     TIMEOUT,
+    JoinResult,
     LoadGenerator,
     UdpPool,
     bench_fleet,
@@ -158,9 +160,6 @@ async def _subscribe(prefix: str, qos: int, conn: Connection) -> None:
     first: dict[int, float] = {}
     duplicates = 0
     counts: dict[str, int] = {}
-    command = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_reader(conn.fileno(), command.set)
 
     async with aiomqtt.Client(BROKER_HOST, BROKER_PORT, identifier=f"{prefix}-sub") as client:
         await client.subscribe(f"{prefix}/#", qos=qos)
@@ -185,12 +184,7 @@ async def _subscribe(prefix: str, qos: int, conn: Connection) -> None:
                     first[seq] = now
 
         consumer = asyncio.create_task(consume())
-        while True:
-            await command.wait()
-            command.clear()
-            if not conn.poll():
-                continue
-            request = conn.recv()
+        async for request in pipe_requests(conn):
             if request[0] == "counts":
                 conn.send(dict(counts))
                 continue
@@ -320,6 +314,20 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
 
 
+def join_figures(joins: JoinResult, driver_cpu: Sampler) -> dict[str, Any]:
+    """The JOIN phase in a report: outcome, rate, latency, and the driver's CPU over it."""
+    return {
+        "count": joins.count,
+        "ok": joins.ok,
+        "failed": joins.failed,
+        "errors": joins.errors,
+        "seconds": round(joins.seconds, 2),
+        "per_s": round(joins.ok / max(1e-9, joins.seconds), 1),
+        "latency_ms": {"p50": _ms(percentile(joins.durations, 0.5)), "p99": _ms(percentile(joins.durations, 0.99))},
+        "driver_cpu_percent": round(driver_cpu.cpu_percent or 0, 1),
+    }
+
+
 def summarize_rx(
     gen: LoadGenerator, received: dict[str, Any], offered: float | None, pool_before: dict[str, int]
 ) -> dict[str, Any]:
@@ -421,15 +429,7 @@ async def _drive(
         if spy is not None:
             spy.stop()
             out["py_spy"] = write_spy_report(options.py_spy, spy.rate, joins.ok, driver_cpu)
-        out["join"] = {
-            "count": joins.count,
-            "ok": joins.ok,
-            "failed": joins.failed,
-            "errors": joins.errors,
-            "seconds": round(joins.seconds, 2),
-            "per_s": round(joins.ok / max(1e-9, joins.seconds), 1),
-            "latency_ms": {"p50": _ms(percentile(joins.durations, 0.5)), "p99": _ms(percentile(joins.durations, 0.99))},
-            "driver_cpu_percent": round(driver_cpu.cpu_percent or 0, 1),
+        out["join"] = join_figures(joins, driver_cpu) | {
             "driver_rss_mb": round(driver_cpu.rss_max / 2**20, 1),
             "generator_cpu_percent": round(me.cpu_percent or 0, 1),
         }
@@ -629,16 +629,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         inflight=args.inflight,
         py_spy=args.py_spy,
     )
-    report: dict[str, Any] = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": sys.version.split()[0],
-            "loopback": True,
-            "loadavg_at_start": os.getloadavg(),
-        },
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
+    report = report_header(args, loopback=True)
     if args.join_storm:
         storm = await driver_run(options, None, join_storm=args.join_storm)
         storm.pop("driver_log_tail", None)
@@ -665,10 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = asyncio.run(main_async(args))
     print_table(report)
-    out = args.out or Path(f"/tmp/coap-bench-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
-    print(f"\nresults written to {out}")
+    write_results(report, args.out, "bench")
     return 0
 
 

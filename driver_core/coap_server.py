@@ -23,11 +23,10 @@ from aiocoap.transports.oscore import OSCOREAddress
 from aiocoap.util.linkformat import LinkFormat
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import aiocoap_tuning
 from . import refusals as why
+from .coap_transport import CoapListener, start_listener
 from .family import PayloadDecodeError
 from .fota.blockwise import OCTET_STREAM, BlockOutOfRange, negotiate
-from .response_cache import install_response_cache
 from .security import DeviceContext, DeviceCredentials, DeviceState, PossiblyStaleContext
 from .timefmt import utcnow
 from .uplink import Uplink
@@ -561,16 +560,6 @@ class CoapCore:
         return DeviceSite(inner, self.credentials, self.refusals)
 
 
-async def start_coap_server(core: CoapCore, host: str, port: int) -> aiocoap.Context:
-    """Bind the UDP listener; host '::' serves IPv4 and IPv6.
-
-    aiocoap's own deduplication keeps every answer for 247 s, which grows with
-    traffic (a firmware download is thousands of answers); a bounded cache
-    replaces it.
-    """
-    aiocoap_tuning.install()  # cached address strings: aiocoap formats them for every request
-    context = await aiocoap.Context.create_server_context(
-        core.site(), bind=(host, port), transports=["udp6"], loggername="driver_core.coap"
-    )
-    install_response_cache(context)
-    return context
+async def start_coap_server(core: CoapCore, host: str, port: int) -> CoapListener:
+    """Bind the devices' UDP listener to the core's site; host '::' serves IPv4 and IPv6."""
+    return await start_listener(core.site(), core.refusals, host, port)

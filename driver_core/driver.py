@@ -8,12 +8,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import aiocoap
-
 from .api.server import ApiServer
 from .api.throttle import auth_throttle
 from .cluster import Cluster
 from .coap_server import CoapCore, start_coap_server
+from .coap_transport import CoapListener
 from .components import builtin_components_dir, discover_components, import_integration
 from .config import CoreConfig, ensure_config_dir, load_configuration
 from .downlinks import DownlinkQueue
@@ -26,7 +25,7 @@ from .join_tokens import JoinTokens
 from .metrics import Metrics, TimedCore
 from .ops_http import ops_middleware
 from .rate_limit import CoapGate, TokenBuckets
-from .refusals import Refusals, UnparsableDatagramCounter
+from .refusals import Refusals
 from .runstate import RunLock, join_token_key
 from .security import DeviceCredentials
 from .storage.db import Database
@@ -75,14 +74,13 @@ class Driver:
         self.writer: UplinkWriter | None = None
         self.coap: CoapCore | None = None
         self.downlinks: DownlinkQueue | None = None
-        self.coap_context: aiocoap.Context | None = None
+        self.coap_listener: CoapListener | None = None
         self.integrations: IntegrationManager | None = None
         self.housekeeping: Housekeeping | None = None
         self.api: ApiServer | None = None
         self.metrics: Metrics | None = None
         self.fota = None  # FotaService, once started
         self.cluster: Cluster | None = None  # cluster mode only
-        self._datagram_filter: UnparsableDatagramCounter | None = None
         self.coap_gate: CoapGate | None = None
         self._run_lock: RunLock | None = None
         self._unlisten_metrics: Any = None
@@ -90,14 +88,8 @@ class Driver:
     @property
     def coap_port(self) -> int:
         """The bound UDP port (useful when configured as 0)."""
-        assert self.coap_context is not None
-        for tokens in self.coap_context.request_interfaces:
-            messages = getattr(tokens, "token_interface", None)
-            udp = getattr(messages, "message_interface", None)
-            transport = getattr(udp, "transport", None)
-            if transport is not None:
-                return transport.get_extra_info("socket").getsockname()[1]
-        raise RuntimeError("CoAP listener not bound")
+        assert self.coap_listener is not None, "CoAP listener not bound"
+        return self.coap_listener.port
 
     def load(self) -> CoreConfig:
         """Read components and configuration (no I/O beyond files); raises ConfigError & co."""
@@ -165,10 +157,8 @@ class Driver:
                 f"http.port: cannot listen on TCP {config.http['host']} port {config.http['port']}: "
                 f"{exc.strerror or exc}"
             ) from None
-        self._datagram_filter = UnparsableDatagramCounter(self.refusals)
-        logging.getLogger("driver_core.coap").addFilter(self._datagram_filter)
         try:
-            self.coap_context = await start_coap_server(
+            self.coap_listener = await start_coap_server(
                 TimedCore(self.coap, self.metrics.handler_seconds),
                 config.coap["host"],
                 config.coap["port"],
@@ -184,7 +174,7 @@ class Driver:
             self.refusals,
             self.credentials,
         )
-        self.coap_gate.install(self.coap_context)
+        self.coap_gate.attach(self.coap_listener)
         await start_fota(self, stall_after=timedelta(minutes=config.fota["stall_minutes"]))
         _LOGGER.info(
             "coap-driver listening on UDP [%s]:%s with %d device families",
@@ -193,16 +183,14 @@ class Driver:
 
     async def stop(self) -> None:
         await stop_fota(self)
-        if self.coap_context is not None:
-            await self.coap_context.shutdown()
-            self.coap_context = None
+        if self.coap_listener is not None:
+            await self.coap_listener.close()
+            self.coap_listener = None
         if self.api is not None:
             await self.api.stop()
             self.api = None
         if self.housekeeping is not None:
             await self.housekeeping.stop()
-        if self._datagram_filter is not None:
-            logging.getLogger("driver_core.coap").removeFilter(self._datagram_filter)
         if self.writer is not None:
             await self.writer.stop()
         if self.downlinks is not None:

@@ -276,3 +276,7 @@ class TimedCore:
 
     def site(self) -> TimedSite:
         return TimedSite(self._core.site(), self._histogram)
+
+    @property
+    def refusals(self) -> Any:
+        return self._core.refusals

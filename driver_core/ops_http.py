@@ -106,7 +106,7 @@ async def _health(driver: Driver, request: web.Request) -> web.StreamResponse:
     """200 ``{"status": "ok"}`` when this instance serves devices, else 503 naming the part."""
     if request.method != "GET":
         return _problem(405, "method_not_allowed", "use GET", Allow="GET")
-    if driver.coap_context is None:
+    if driver.coap_listener is None:
         return web.json_response({"status": "unavailable", "detail": "coap listener not running"}, status=503)
     try:
         async with asyncio.timeout(HEALTH_DB_TIMEOUT_S), driver.db.session() as session:

@@ -28,18 +28,16 @@ per-source limits bound what one honest-addressed abuser costs, not a spoofed fl
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import logging
 import math
-import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiocoap
 from aiocoap import oscore
@@ -50,6 +48,7 @@ from . import refusals as why
 from .oscore_context import kid_context_matches
 
 if TYPE_CHECKING:
+    from .coap_transport import CoapListener
     from .refusals import Refusals
     from .security import DeviceCredentials
 
@@ -57,11 +56,6 @@ _LOGGER = logging.getLogger(__name__)
 
 MAX_SOURCES = 16_384  # buckets kept; about 150 bytes each
 LOG_EVERY = 10.0  # seconds between two log lines about the same rate-limited source
-# The listener's kernel receive queue: the default (about 200 KiB, some 250 small
-# datagrams) overflows during a 50 ms pause of the event loop under a flood, and an
-# overflowing queue drops device datagrams as well as the flood's. Linux caps the
-# value at net.core.rmem_max.
-RECEIVE_BUFFER = 2 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -229,47 +223,26 @@ class CoapGate:
         if host is not None:
             self.buckets.refund(source_key(host))
 
-    def install(self, context: aiocoap.Context) -> bool:
-        """Put the gate in front of the UDP listener of `context`; False if there is none.
+    def attach(self, listener: CoapListener) -> None:
+        """Put the gate in front of the UDP listener, and let refusals charge their source.
 
-        Installed also with limiting off: it keeps undecodable datagrams from aiocoap,
-        whose decoder lets some errors escape (a string option that is not UTF-8 raises
-        UnicodeDecodeError out of the transport callback: a traceback per datagram).
+        Attached also with limiting off: undecodable datagrams are then counted here.
         """
-        for tokens in context.request_interfaces:
-            manager = getattr(tokens, "token_interface", None)
-            udp = getattr(manager, "message_interface", None)
-            received = getattr(udp, "datagram_msg_received", None)
-            if received is None:
-                continue
-            udp.datagram_msg_received = self._gated(received)  # type: ignore[union-attr]
-            self._refusals.on_refusal = self.charge
-            self._refusals.on_cleared = self.refund
-            sock = udp.transport.get_extra_info("socket")  # type: ignore[union-attr]
-            if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RECEIVE_BUFFER:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        listener.gate = self
+        self._refusals.on_refusal = self.charge
+        self._refusals.on_cleared = self.refund
+
+    def admit(self, message: aiocoap.Message | None, host: str) -> bool:
+        """Whether the listener handles a datagram (`message` None: it did not decode)."""
+        verdict = Verdict.UNDECODABLE if message is None else self.verdict_of(message)
+        if verdict is Verdict.SERVE:
             return True
-        return False
-
-    def _gated(self, deliver: Callable[..., None]) -> Callable[..., None]:
+        key = source_key(host)
         buckets = self.buckets
-
-        def datagram_msg_received(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
-            verdict = self.verdict(data)
-            if verdict is not Verdict.SERVE:
-                key = source_key(address[0])
-                if not (
-                    buckets.prepay(key) if verdict is not Verdict.FOREIGN else not buckets.exhausted(key)
-                ):
-                    self._dropped(key, address[0])
-                    return
-                if verdict is Verdict.UNDECODABLE:
-                    self._refusals.record(why.MALFORMED_DATAGRAM, remote=address)
-                    return
-            deliver(data, ancdata, flags, address)
-
-        return datagram_msg_received
+        if buckets.prepay(key) if verdict is not Verdict.FOREIGN else not buckets.exhausted(key):
+            return True
+        self._dropped(key, host)
+        return False
 
     def _dropped(self, key: str, host: str) -> None:
         dropped = self.buckets.note_drop(key)
@@ -294,6 +267,10 @@ class CoapGate:
             message = aiocoap.Message.decode(data)
         except Exception:  # the codec raises more than UnparsableMessage on hostile input
             return Verdict.UNDECODABLE
+        return self.verdict_of(message)
+
+    def verdict_of(self, message: aiocoap.Message) -> Verdict:
+        """`verdict` of a decoded datagram."""
         if not message.code.is_request():
             if message.code == Code.EMPTY and message.mtype in (Type.ACK, Type.RST):
                 return Verdict.SERVE  # may answer a separate response of ours

@@ -72,17 +72,3 @@ class Refusals:
                 "detail": detail or None,
             },
         )
-
-
-class UnparsableDatagramCounter(logging.Filter):
-    """aiocoap drops undecodable datagrams with a log line; count them as refusals."""
-
-    def __init__(self, refusals: Refusals) -> None:
-        super().__init__()
-        self._refusals = refusals
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == "Ignoring unparsable message from %s":
-            self._refusals.record(MALFORMED_DATAGRAM, remote=record.args[0] if record.args else None)
-            return False  # our own line replaces aiocoap's
-        return True

@@ -1,4 +1,4 @@
-"""A bounded CoAP deduplication store for the server (replaces aiocoap's per-message one).
+"""A bounded CoAP deduplication store for the device listener (driver_core.coap_transport).
 
 aiocoap keeps, for every request, the (remote, message id) key, a timer and the
 whole response Message for EXCHANGE_LIFETIME (247 s) so a retransmitted CON
@@ -16,8 +16,7 @@ This store keeps what a retransmission needs, and no more:
   within a byte budget; past it the oldest are dropped, and a retransmission
   of such a request is ignored like an unanswered one (the device times out
   and asks again in a new exchange);
-* CON responses (separate responses) are not stored: aiocoap cannot resend
-  them through the deduplication path anyway.
+* only piggybacked answers exist (the listener sends no separate responses).
 """
 
 from __future__ import annotations
@@ -25,11 +24,6 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
-
-import aiocoap
-from aiocoap.message import Direction
-from aiocoap.numbers.types import Type
 
 DEFAULT_LIFETIME = 60.0
 DEFAULT_MAX_BYTES = 4 * 1024 * 1024
@@ -37,7 +31,7 @@ DEFAULT_MAX_KEYS = 200_000
 
 
 class ResponseCache:
-    """Installed on an aiocoap MessageManager; see `install`.
+    """The listener's memory of recent CON requests and the datagrams that answered them.
 
     A key is (host, port << 16 | message id) with one shared string per host,
     its value the expiry time: about 200 bytes per request, no timer, no
@@ -56,28 +50,16 @@ class ResponseCache:
         self.max_keys = max_keys
         self._clock = clock
         self._keys: OrderedDict[tuple[str, int], float] = OrderedDict()  # key -> expiry
-        self._stored: OrderedDict[tuple[str, int], tuple[bytes, Any]] = OrderedDict()
+        self._stored: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self._hosts: dict[str, str] = {}
         self.bytes = 0
         self.duplicates = 0
-        self._manager: Any = None
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def install(self, manager: Any) -> None:
-        """Replace `manager`'s deduplication (aiocoap 0.4 MessageManager) with this cache."""
-        self._manager = manager
-        manager._deduplicate_message = self.deduplicate
-        manager._store_response_for_duplicates = self.store
-
-    def _key(self, message: aiocoap.Message) -> tuple[str, int]:
-        remote = message.remote
-        sockaddr = getattr(remote, "sockaddr", None)
-        if sockaddr is None:  # not UDP: fall back to the address object itself
-            return (remote, message.mid)  # type: ignore[return-value]
-        host = self._hosts.setdefault(sockaddr[0], sockaddr[0])
-        return (host, (sockaddr[1] << 16) | message.mid)
+    def _key(self, host: str, port: int, mid: int) -> tuple[str, int]:
+        return (self._hosts.setdefault(host, host), (port << 16) | mid)
 
     def _expire(self, now: float) -> None:
         keys = self._keys
@@ -88,47 +70,28 @@ class ResponseCache:
             del keys[key]
             stored = self._stored.pop(key, None)
             if stored is not None:
-                self.bytes -= len(stored[0])
+                self.bytes -= len(stored)
         if not keys:
             self._hosts.clear()
 
-    def deduplicate(self, message: aiocoap.Message) -> bool:
-        """True for a duplicate (answered again when its response is kept)."""
+    def lookup(self, host: str, port: int, mid: int) -> tuple[bool, bytes | None]:
+        """(duplicate?, the answer to send again if kept); a new request is remembered."""
         now = self._clock()
         self._expire(now)
-        key = self._key(message)
+        key = self._key(host, port, mid)
         if key in self._keys:
             self.duplicates += 1
-            stored = self._stored.get(key)
-            if message.mtype is Type.CON and stored is not None:
-                again = aiocoap.Message.decode(stored[0], stored[1])
-                again.direction = Direction.OUTGOING  # decode() marks it incoming; encode() refuses that
-                self._manager._send_via_transport(again)
-            return True
+            return True, self._stored.get(key)
         self._keys[key] = now + self.lifetime
-        return False
+        return False, None
 
-    def store(self, message: aiocoap.Message) -> None:
-        """Keep an outgoing response for retransmissions of the request it answers."""
-        if message.mtype is Type.CON:
-            return
-        key = self._key(message)
+    def remember(self, host: str, port: int, mid: int, datagram: bytes) -> None:
+        """Keep the answer to a CON request for its retransmissions."""
+        key = self._key(host, port, mid)
         if key not in self._keys or key in self._stored:
             return
-        datagram = message.encode()
-        self._stored[key] = (datagram, message.remote)
+        self._stored[key] = datagram
         self.bytes += len(datagram)
         while self.bytes > self.max_bytes and self._stored:
-            _, (old, _remote) = self._stored.popitem(last=False)
+            _, old = self._stored.popitem(last=False)
             self.bytes -= len(old)
-
-
-def install_response_cache(context: aiocoap.Context, **options: Any) -> ResponseCache | None:
-    """Install a ResponseCache on the UDP message manager of a server context."""
-    for tokens in context.request_interfaces:
-        manager = getattr(tokens, "token_interface", None)
-        if manager is not None and hasattr(manager, "_deduplicate_message"):
-            cache = ResponseCache(**options)
-            cache.install(manager)
-            return cache
-    return None

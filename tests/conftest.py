@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,16 +23,16 @@ FAST = CoapTiming(ack_timeout=0.5, max_retransmit=2)
 
 def write_config(
     config_dir: Path, database_url: str | None = None, extra: str = "", coap_port: int = 0,
-    http: str = "",
+    http: str = "", coap: str = "",
 ) -> None:
     """A configuration for tests: CoAP on a free loopback port, no MQTT unless `extra` adds it.
 
-    `http` adds indented lines to the http section (e.g. "  auth_failures_per_minute: 0\n").
+    `coap` and `http` add indented lines to those sections (e.g. "  auth_failures_per_minute: 0\n").
     """
     config_dir.mkdir(parents=True, exist_ok=True)
     database = f"database:\n  url: {database_url}\n" if database_url else ""
     (config_dir / "configuration.yaml").write_text(
-        f"coap:\n  host: 127.0.0.1\n  port: {coap_port}\nhttp:\n  host: 127.0.0.1\n  port: 0\n{http}"
+        f"coap:\n  host: 127.0.0.1\n  port: {coap_port}\n{coap}http:\n  host: 127.0.0.1\n  port: 0\n{http}"
         f"{database}{extra}",
         encoding="utf-8",
     )
@@ -55,16 +57,23 @@ class UplinkLog:
         return self.items
 
 
-@pytest.fixture
-async def running_driver(tmp_path: Path) -> AsyncIterator[Driver]:
-    config_dir = tmp_path / "config"
-    write_config(config_dir)
+@contextlib.asynccontextmanager
+async def started_driver(config_dir: Path) -> AsyncIterator[Driver]:
+    """The driver of `config_dir`, started; stopped on exit, whatever happened inside."""
     driver = Driver(config_dir)
     await driver.start()
     try:
         yield driver
     finally:
         await driver.stop()
+
+
+@pytest.fixture
+async def running_driver(tmp_path: Path) -> AsyncIterator[Driver]:
+    config_dir = tmp_path / "config"
+    write_config(config_dir)
+    async with started_driver(config_dir) as driver:
+        yield driver
 
 
 @pytest.fixture
@@ -87,10 +96,15 @@ def make_device(serial: str, hw_type: int, index: int) -> DeviceInput:
 @pytest.fixture
 def enroll(running_driver: Driver) -> Callable:
     async def enroll_device(device: DeviceInput) -> DeviceSession:
-        await add_device(running_driver.db, running_driver.box, device)
-        return session_for(running_driver, device)
+        return await enrolled_session(running_driver, device)
 
     return enroll_device
+
+
+async def enrolled_session(driver: Driver, device: DeviceInput, **kwargs) -> DeviceSession:
+    """Enroll `device` on `driver` and return the device's side of it (not JOINed yet)."""
+    await add_device(driver.db, driver.box, device)
+    return session_for(driver, device, **kwargs)
 
 
 def session_for(driver: Driver, device: DeviceInput, **kwargs) -> DeviceSession:
@@ -98,3 +112,16 @@ def session_for(driver: Driver, device: DeviceInput, **kwargs) -> DeviceSession:
         device.sender_id, device.master_secret, device.master_salt, "127.0.0.1", driver.coap_port,
         timing=FAST, **kwargs,
     )
+
+
+@pytest.fixture
+def restore_levels() -> Iterator[None]:
+    """For tests that change global log levels: put every logger's level back afterwards."""
+    manager = logging.getLogger().manager
+    saved = {n: lg.level for n, lg in manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    root = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(root)
+    for name, logger in manager.loggerDict.items():
+        if isinstance(logger, logging.Logger):
+            logger.setLevel(saved.get(name, logging.NOTSET))

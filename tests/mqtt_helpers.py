@@ -231,6 +231,14 @@ class Mosquitto:
             await asyncio.gather(self._drain, return_exceptions=True)
             self._drain = None
 
+    async def __aenter__(self) -> Mosquitto:
+        """`async with Mosquitto(...) as broker:` runs it for the block (stopped even on failure)."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
 
 # ---- a subscriber ---------------------------------------------------------------
 

@@ -48,6 +48,7 @@ from driver_core.storage.models import Downlink, DownlinkEvent
 from driver_core.storage.secretbox import SecretBox
 from driver_core.timefmt import utcnow
 from tests.conftest import write_config
+from tests.http_helpers import http_endpoint
 from tests.mqtt_helpers import integration_starter, make_tls_files
 
 # The documented example: 2025-09-05T12:59:29.7Z is unix 1757077169 (seconds, truncated).
@@ -118,18 +119,14 @@ class Receiver:
 @contextlib.asynccontextmanager
 async def serve(ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Receiver]:
     rec = Receiver(scheme="https" if ssl_context else "http")
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", rec.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
-    await site.start()
-    rec.port = runner.addresses[0][1]
-    try:
-        yield rec
-    finally:
-        rec._release.set()
-        await runner.cleanup()
+    async with http_endpoint(
+        "/{tail:.*}", rec.handle, ssl_context=ssl_context, shutdown_timeout=0.5
+    ) as port:
+        rec.port = port
+        try:
+            yield rec
+        finally:
+            rec._release.set()  # before the server closes: no request left hanging
 
 
 @pytest.fixture

@@ -208,7 +208,8 @@ async def test_garbage_datagrams_are_counted_and_harmless(running_driver, uplink
     session = await enroll(device)
     answer = await session.join("1.0.0", 31)  # the listener still serves devices
     assert answer.code == Code.CHANGED
-    assert running_driver.refusals.counts["malformed_datagram"] >= 3
+    # The HTTP line decodes as a CoAP CON 2.05 response (0x47 0x45...): a RST, not a refusal.
+    assert running_driver.refusals.counts["malformed_datagram"] == 3
 
 
 async def test_unknown_resource_gets_protected_4_04(running_driver, uplinks, enroll):
@@ -317,3 +318,40 @@ async def test_two_joins_of_one_device_in_one_batch_store_the_later(running_driv
     async with running_driver.db.session() as db:
         stored = await db.get(SecurityContext, state.device_id)
     assert (stored.id_context, stored.r2_issued_ms) == (b"\x02" * 24, 2)
+
+
+class _Socket(asyncio.DatagramProtocol):
+    """A raw UDP peer that keeps what it receives."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.received.put_nowait(data)
+
+
+async def test_listener_answers_pings_with_rst_and_non_requests_with_non(running_driver):
+    import aiocoap
+    from aiocoap.numbers.types import Type
+
+    loop = asyncio.get_running_loop()
+    transport, peer = await loop.create_datagram_endpoint(
+        _Socket, remote_addr=("127.0.0.1", running_driver.coap_port)
+    )
+    try:
+        ping = aiocoap.Message(code=Code.EMPTY)
+        ping.mtype, ping.mid = Type.CON, 0x1234
+        transport.sendto(ping.encode())
+        reset = aiocoap.Message.decode(await asyncio.wait_for(peer.received.get(), 5))
+        assert (reset.mtype, reset.mid, reset.code) == (Type.RST, 0x1234, Code.EMPTY)
+
+        request = aiocoap.Message(code=Code.POST, uri_path=["rx"], payload=b"\xa0")
+        request.mtype, request.mid, request.token = Type.NON, 0x2222, b"\x01\x02"
+        transport.sendto(request.encode())
+        answer = aiocoap.Message.decode(await asyncio.wait_for(peer.received.get(), 5))
+        assert (answer.mtype, answer.token, answer.code, answer.payload) == (
+            Type.NON, b"\x01\x02", Code.UNAUTHORIZED, b"OSCORE required",
+        )
+        assert answer.mid != 0x2222  # a NON answer has a message id of its own
+    finally:
+        transport.close()

@@ -16,7 +16,7 @@ from driver_core.enrollment import add_device
 from driver_core.events import EVENT_DOWNLINK_STATE
 from driver_core.storage.models import Downlink, DownlinkEvent
 from driver_core.timefmt import utcnow
-from tests.conftest import make_device, session_for, write_config
+from tests.conftest import enrolled_session, make_device, session_for, started_driver, write_config
 
 RX = cbor2.dumps({1: 90, 14: 3000})
 
@@ -102,14 +102,10 @@ async def test_unacknowledged_when_the_next_rx_comes(running_driver, enroll, sta
 async def test_unacknowledged_after_the_ack_timeout(tmp_path: Path):
     config_dir = tmp_path / "config"
     write_config(config_dir, extra="downlinks:\n  ack_timeout: 1\n")
-    driver = Driver(config_dir)
-    await driver.start()
-    try:
+    async with started_driver(config_dir) as driver:
         log = StateLog()
         driver.bus.listen(EVENT_DOWNLINK_STATE, log)
-        device = make_device("B0000002", 17, 21)
-        await add_device(driver.db, driver.box, device)
-        session = session_for(driver, device)
+        session = await enrolled_session(driver, make_device("B0000002", 17, 21))
         await session.join("1.0.0", 17)
         await driver.downlinks.schedule("B0000002", "reboot", 1, "cmd-4")
         await session.post("rx", RX)
@@ -117,8 +113,6 @@ async def test_unacknowledged_after_the_ack_timeout(tmp_path: Path):
         assert log.states("cmd-4") == [0, 2, 5]
         view = await driver.downlinks.get("cmd-4")
         assert view.unacknowledged_at - view.dispatched_at >= timedelta(seconds=1)
-    finally:
-        await driver.stop()
 
 
 async def test_cancel_only_while_pending(running_driver, enroll, states):

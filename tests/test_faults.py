@@ -51,8 +51,9 @@ from driver_core.storage.secretbox import SecretBox
 from driver_core.timefmt import zulu_millis
 from driver_core.tokens import create_token
 from driver_core.web import users_cli
-from tests.conftest import make_device, write_config
+from tests.conftest import make_device, started_driver, write_config
 from tests.driver_process import DriverProcess
+from tests.http_helpers import http_endpoint
 from tests.mqtt_helpers import SYSTEM_BROKER_PORT, Collector, Mosquitto, wait_until
 from tests.storage_fixtures import _admin_connection
 from tests.web_fixtures import WebClient, new_http
@@ -357,26 +358,53 @@ def storage_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
     return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "driver_core.storage"]
 
 
+# ---- a private broker that keeps everything across restarts ------------------------------------
+
+
+@dataclass
+class KeepingBroker:
+    """A private Mosquitto with persistence and no queue limit, and a persistent subscriber to
+    app/+/up: what the driver published is delivered even across a broker restart or kill."""
+
+    mosquitto: Mosquitto
+    collector: Collector
+
+    @property
+    def driver_config(self) -> str:
+        """The driver's mqtt section: this broker, uplinks on app/<serial>/up."""
+        return (
+            f"mqtt:\n  broker: external\n  url: {self.mosquitto.url}\n"
+            "  uplink_topic: 'app/{{serial}}/up'\n"
+        )
+
+
+@pytest.fixture
+async def keeping_broker(tmp_path: Path) -> AsyncIterator[KeepingBroker]:
+    options = ("max_queued_messages 0",)
+    async with Mosquitto(tmp_path / "mq", persistence=True, options=options) as mosquitto:
+        collector = await Collector(
+            mosquitto.port, "app/+/up", persistent=True, client_id=f"sub-{uuid.uuid4().hex[:8]}"
+        ).start()
+        try:
+            yield KeepingBroker(mosquitto, collector)
+        finally:
+            await collector.stop()
+
+
 # ---- 1. MQTT broker stopped for a minute under load -------------------------------------------
 
 OUTAGE_S = 60.0
 
 
 @pytest.mark.timeout(200)
-async def test_broker_stopped_for_a_minute_under_load(tmp_path: Path) -> None:
+async def test_broker_stopped_for_a_minute_under_load(
+    tmp_path: Path, keeping_broker: KeepingBroker
+) -> None:
     """20 devices send every 0.5 s before, during and after a 60 s stop of the external
     broker; afterwards every uplink has arrived once, in each device's order."""
-    mosquitto = Mosquitto(tmp_path / "mq", persistence=True, options=("max_queued_messages 0",))
-    await mosquitto.start()
-    collector = await Collector(
-        mosquitto.port, "app/+/up", persistent=True, client_id=f"sub-{uuid.uuid4().hex[:8]}"
-    ).start()
+    mosquitto, collector = keeping_broker.mosquitto, keeping_broker.collector
     config_dir = tmp_path / "config"
-    write_config(
-        config_dir,
-        extra=f"mqtt:\n  broker: external\n  url: {mosquitto.url}\n"
-        "  uplink_topic: 'app/{{serial}}/up'\n",
-    )
+    write_config(config_dir, extra=keeping_broker.driver_config)
     driver = Driver(config_dir)
     await driver.start()
     fleet: Fleet | None = None
@@ -438,8 +466,6 @@ async def test_broker_stopped_for_a_minute_under_load(tmp_path: Path) -> None:
         if fleet is not None:
             await fleet.stop()
         await driver.stop()
-        await collector.stop()
-        await mosquitto.stop()
 
 
 async def outbox_rows(db: Any) -> int:
@@ -491,16 +517,6 @@ async def pg_admin(postgres_url: str) -> AsyncIterator[PgAdmin]:
         await conn.close()
 
 
-@contextlib.asynccontextmanager
-async def running(config_dir: Path) -> AsyncIterator[Driver]:
-    driver = Driver(config_dir)
-    await driver.start()
-    try:
-        yield driver
-    finally:
-        await driver.stop()
-
-
 async def test_database_connection_lost_and_restored(
     tmp_path: Path, postgres_url: str, pg_admin: PgAdmin, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -516,7 +532,7 @@ async def test_database_connection_lost_and_restored(
     )
     collector = await Collector(SYSTEM_BROKER_PORT, f"{prefix}/up/+").start()
     try:
-        async with running(config_dir) as driver:
+        async with started_driver(config_dir) as driver:
             fleet = Fleet(await enroll_fleet(driver, 10, "P"))
             fleet.start(interval=0.1, retry_same=True)
             await fleet.wait(lambda: len(fleet.acknowledged()) >= 50, 20, "50 uplinks before the fault")
@@ -566,7 +582,7 @@ async def test_every_request_during_a_database_outage_gets_503(
 ) -> None:
     config_dir = tmp_path / "config"
     write_config(config_dir, database_url=postgres_url)
-    async with running(config_dir) as driver:
+    async with started_driver(config_dir) as driver:
         sessions = await enroll_fleet(driver, 2, "U")
         cold, queued = sessions
         await driver.downlinks.schedule(queued, "clear_alarms")  # its requests read the queue
@@ -585,7 +601,7 @@ async def test_refused_uplinks_leave_no_trace_in_the_device_state(
 ) -> None:
     config_dir = tmp_path / "config"
     write_config(config_dir, database_url=postgres_url)
-    async with running(config_dir) as driver:
+    async with started_driver(config_dir) as driver:
         fleet = Fleet(await enroll_fleet(driver, 1, "T"))
         (serial,) = fleet.sessions
         assert (await fleet.send(serial, 0)).code == Code.CHANGED
@@ -614,7 +630,9 @@ async def outbox_is_empty(db: Any) -> bool:
 
 
 @pytest.mark.timeout(150)
-async def test_driver_killed_under_load_and_restarted(tmp_path: Path) -> None:
+async def test_driver_killed_under_load_and_restarted(
+    tmp_path: Path, keeping_broker: KeepingBroker
+) -> None:
     """A driver process with 10 devices sending 10 uplinks/s, each with 40 queued downlinks,
     gets SIGKILL and is started again on the same configuration.
 
@@ -622,17 +640,11 @@ async def test_driver_killed_under_load_and_restarted(tmp_path: Path) -> None:
     in the last moments, whose outbox rows were not deleted yet, go out again (1 to 8 of
     about 290 in our runs). Everything else is exact.
     """
-    mosquitto = Mosquitto(tmp_path / "mq", persistence=True, options=("max_queued_messages 0",))
-    await mosquitto.start()
-    collector = await Collector(
-        mosquitto.port, "app/+/up", persistent=True, client_id=f"sub-{uuid.uuid4().hex[:8]}"
-    ).start()
+    collector = keeping_broker.collector
     config_dir = tmp_path / "config"
     url = f"sqlite+aiosqlite:///{config_dir / 'coap-driver.db'}"
     write_config(
-        config_dir, database_url=url, coap_port=free_udp_port(),
-        extra=f"mqtt:\n  broker: external\n  url: {mosquitto.url}\n"
-        "  uplink_topic: 'app/{{serial}}/up'\n",
+        config_dir, database_url=url, coap_port=free_udp_port(), extra=keeping_broker.driver_config
     )
     devices = fleet_devices(10, "K")
     db = Database(url)  # the test's own connection to the driver's SQLite file
@@ -685,8 +697,6 @@ async def test_driver_killed_under_load_and_restarted(tmp_path: Path) -> None:
             await fleet.stop()
         await process.kill()
         await db.stop()
-        await collector.stop()
-        await mosquitto.stop()
 
     acknowledged = fleet.acknowledged()
     unanswered = [a for a in fleet.attempts if a.code != Code.CHANGED]
@@ -746,18 +756,12 @@ class Endpoints:
 @pytest.fixture
 async def endpoints() -> AsyncIterator[Endpoints]:
     served = Endpoints()
-    app = web.Application()
-    app.router.add_post("/{kind}", served.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    served.port = runner.addresses[0][1]
-    try:
-        yield served
-    finally:
-        served.release.set()
-        await runner.cleanup()
+    async with http_endpoint("/{kind}", served.handle, shutdown_timeout=0.5) as port:
+        served.port = port
+        try:
+            yield served
+        finally:
+            served.release.set()  # before the server closes: /hang answers
 
 
 async def test_bad_callback_endpoints_do_not_slow_coap(tmp_path: Path, endpoints: Endpoints) -> None:
@@ -771,7 +775,7 @@ async def test_bad_callback_endpoints_do_not_slow_coap(tmp_path: Path, endpoints
         "  backoff_max: 0.4\n  jitter: none\n",
     )
     kinds = ("hang", "slow", "fail")
-    async with running(config_dir) as driver:
+    async with started_driver(config_dir) as driver:
         fleet = Fleet(await enroll_fleet(driver, 50, "C"))
 
         async def phase(kind_of: Callable[[int], str]) -> tuple[float, float]:
@@ -922,7 +926,7 @@ async def test_storage_refusing_writes_is_reported_and_answered_503(
     caplog.set_level(logging.INFO)
     config_dir = tmp_path / "config"
     write_config(config_dir, database_url=storage_fault.database_url)
-    async with running(config_dir) as driver, Operator.login(driver) as operator:
+    async with started_driver(config_dir) as driver, Operator.login(driver) as operator:
         fleet = Fleet(await enroll_fleet(driver, 10, "F"))
         fleet.start(interval=0.1, retry_same=True)
         await fleet.wait(lambda: len(fleet.acknowledged()) >= 50, 20, "50 uplinks before the fault")

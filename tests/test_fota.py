@@ -507,43 +507,21 @@ async def test_200_concurrent_downloads_do_not_grow_the_driver_with_image_size(t
 # --- the deduplication store --------------------------------------------------------------------
 
 
-class _Manager:
-    def __init__(self) -> None:
-        self.sent = []
-
-    def _send_via_transport(self, message) -> None:
-        self.sent.append(message)
-
-
-class _Remote:
-    def __init__(self, port: int) -> None:
-        self.sockaddr = ("::ffff:127.0.0.1", port, 0, 0)
-
-
-def _message(port: int, mid: int, mtype=aiocoap.CON, payload=b"") -> aiocoap.Message:
-    message = aiocoap.Message(code=Code.GET if not payload else Code.CONTENT, payload=payload)
-    message.mtype, message.mid, message.remote = mtype, mid, _Remote(port)
-    return message
-
-
 def test_response_cache_answers_duplicates_and_stays_bounded():
     now = [0.0]
     cache = ResponseCache(lifetime=60, max_bytes=3000, clock=lambda: now[0])
-    manager = _Manager()
-    cache.install(manager)
-    assert manager._deduplicate_message(_message(1000, 1)) is False
-    manager._store_response_for_duplicates(_message(1000, 1, aiocoap.ACK, b"x" * 1000))
-    assert manager._deduplicate_message(_message(1000, 1)) is True
-    assert manager.sent[0].payload == b"x" * 1000 and manager.sent[0].mid == 1
-    assert manager._deduplicate_message(_message(1001, 1)) is False  # another port: new
-    for mid in range(2, 6):  # three responses fit the byte budget; the oldest go
-        manager._deduplicate_message(_message(1000, mid))
-        manager._store_response_for_duplicates(_message(1000, mid, aiocoap.ACK, b"y" * 1000))
+    assert cache.lookup("127.0.0.1", 1000, 1) == (False, None)
+    assert cache.lookup("127.0.0.1", 1000, 1) == (True, None)  # being handled: no answer yet
+    cache.remember("127.0.0.1", 1000, 1, b"x" * 1000)
+    assert cache.lookup("127.0.0.1", 1000, 1) == (True, b"x" * 1000)
+    assert cache.lookup("127.0.0.1", 1001, 1) == (False, None)  # another port: new
+    for mid in range(2, 6):  # three answers fit the byte budget; the oldest go
+        cache.lookup("127.0.0.1", 1000, mid)
+        cache.remember("127.0.0.1", 1000, mid, b"y" * 1000)
     assert cache.bytes <= 3000
-    assert manager._deduplicate_message(_message(1000, 1)) is True  # known, answer dropped
-    assert len(manager.sent) == 1
+    assert cache.lookup("127.0.0.1", 1000, 1) == (True, None)  # known, answer dropped
     now[0] = 61.0
-    assert manager._deduplicate_message(_message(1000, 1)) is False  # expired: new again
+    assert cache.lookup("127.0.0.1", 1000, 1) == (False, None)  # expired: new again
     assert len(cache) == 1 and cache.bytes == 0
 
 

@@ -35,9 +35,8 @@ from hypothesis import strategies as st
 
 from driver_core.device_client import DeviceSession
 from driver_core.driver import Driver
-from driver_core.enrollment import add_device
 from driver_core.events import EVENT_UPLINK
-from tests.conftest import UplinkLog, make_device, session_for
+from tests.conftest import UplinkLog, enrolled_session, make_device, started_driver, write_config
 from tests.mqtt_helpers import SYSTEM_BROKER_PORT, Collector
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -92,42 +91,36 @@ class Target:
 async def target(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Target]:
     prefix = f"fuzz-{uuid.uuid4().hex[:12]}"
     config_dir: Path = tmp_path_factory.mktemp("fuzz") / "config"
-    config_dir.mkdir()
-    (config_dir / "configuration.yaml").write_text(
-        "coap:\n  host: 127.0.0.1\n  port: 0\n  refusals_per_second: 100000\n  refusal_burst: 100000\n"
-        "http:\n  host: 127.0.0.1\n  port: 0\n"
-        f"mqtt:\n  broker: external\n  url: mqtt://127.0.0.1:{SYSTEM_BROKER_PORT}\n  qos: 1\n"
+    write_config(
+        config_dir,
+        coap="  refusals_per_second: 100000\n  refusal_burst: 100000\n",
+        extra=f"mqtt:\n  broker: external\n  url: mqtt://127.0.0.1:{SYSTEM_BROKER_PORT}\n  qos: 1\n"
         f"  uplink_topic: {prefix}/{{{{serial}}}}/uplink\n"
         f"  downlink_command_topic: {prefix}/{{{{serial}}}}/downlink\n"
         f"  downlink_status_topic: {prefix}/{{{{serial}}}}/downlink/status\n"
         f"  fota_status_topic: {prefix}/{{{{serial}}}}/fota/status\n",
-        encoding="utf-8",
     )
     tracebacks = Tracebacks()
     root = logging.getLogger()
     root.addHandler(tracebacks)
     mqtt = await Collector(SYSTEM_BROKER_PORT, f"{prefix}/#").start()
-    driver = Driver(config_dir)
-    await driver.start()
     try:
-        log = UplinkLog()
-        driver.bus.listen(EVENT_UPLINK, log)
-        device = make_device("F0000001", 17, 1)
-        await add_device(driver.db, driver.box, device)
-        session = session_for(driver, device)
-        join = await recorded_join(session)
-        outer, request_id = session.protect("rx", RX)
-        outer.mtype, outer.mid, outer.token = Type.CON, 0x1234, b"\x01\x02\x03\x04"
-        consumed_rx = outer.encode()
-        assert (await session.send_raw(outer, request_id)).code == Code.CHANGED
-        await log.wait_for(2)
-        await mqtt.wait_for(2)
-        target = Target(driver, session, log, mqtt, tracebacks, consumed_rx, join)
-        yield target
-        for transport in target.sockets:
-            transport.close()
+        async with started_driver(config_dir) as driver:
+            log = UplinkLog()
+            driver.bus.listen(EVENT_UPLINK, log)
+            session = await enrolled_session(driver, make_device("F0000001", 17, 1))
+            join = await recorded_join(session)
+            outer, request_id = session.protect("rx", RX)
+            outer.mtype, outer.mid, outer.token = Type.CON, 0x1234, b"\x01\x02\x03\x04"
+            consumed_rx = outer.encode()
+            assert (await session.send_raw(outer, request_id)).code == Code.CHANGED
+            await log.wait_for(2)
+            await mqtt.wait_for(2)
+            target = Target(driver, session, log, mqtt, tracebacks, consumed_rx, join)
+            yield target
+            for transport in target.sockets:
+                transport.close()
     finally:
-        await driver.stop()
         await mqtt.stop()
         root.removeHandler(tracebacks)
 

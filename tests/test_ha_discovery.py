@@ -98,12 +98,8 @@ async def start_driver(tmp_path: Path, broker: Mosquitto, ha: str = "", devices:
 
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path / "mosquitto")
-    await mosquitto.start()
-    try:
+    async with Mosquitto(tmp_path / "mosquitto") as mosquitto:
         yield mosquitto
-    finally:
-        await mosquitto.stop()
 
 
 @pytest.fixture

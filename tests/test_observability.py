@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,21 +65,6 @@ class Ops:
             for family in text_string_to_metric_families(text)
             for sample in family.samples
         }
-
-
-@pytest.fixture
-def restore_levels() -> Iterator[None]:
-    """Tests here change global log levels; put them back."""
-    manager = logging.getLogger().manager
-    saved = {
-        name: logger.level for name, logger in manager.loggerDict.items() if isinstance(logger, logging.Logger)
-    }
-    root = logging.getLogger().level
-    yield
-    logging.getLogger().setLevel(root)
-    for name, logger in manager.loggerDict.items():
-        if isinstance(logger, logging.Logger):
-            logger.setLevel(saved.get(name, logging.NOTSET))
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ devices on 127.0.0.1 keep sending uplinks to the same driver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -26,16 +27,23 @@ import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 
-from driver_core.config import ConfigError, load_configuration
+from driver_core.config import load_configuration
 from driver_core.driver import Driver
-from driver_core.enrollment import add_device
 from driver_core.events import EVENT_UPLINK
 from driver_core.join_tokens import R1_LENGTH
 from driver_core.oscore_context import wrap_kid_context
 from driver_core.rate_limit import TokenBuckets, Verdict, source_key
 from driver_core.tokens import create_token
 from driver_core.web.users import create_user
-from tests.conftest import UplinkLog, make_device, session_for
+from tests.conftest import (
+    UplinkLog,
+    enrolled_session,
+    make_device,
+    session_for,
+    started_driver,
+    write_config,
+)
+from tests.test_config import error_of
 from tests.web_fixtures import csrf_of, new_http
 
 FLOOD_SOURCE = "127.0.0.2"
@@ -114,17 +122,13 @@ def test_settings_have_defaults_and_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "configuration.yaml").write_text(
         "coap:\n  refusals_per_second: -1\n", encoding="utf-8"
     )
-    with pytest.raises(ConfigError) as error:
-        load_configuration(tmp_path, {})
-    assert str(error.value) == (
+    assert error_of(tmp_path, {}) == (
         f"{tmp_path}/configuration.yaml:2: coap.refusals_per_second: value must be at least 0"
     )
     (tmp_path / "configuration.yaml").write_text(
         "http:\n  auth_failure_burst: 0\n", encoding="utf-8"
     )
-    with pytest.raises(ConfigError) as error:
-        load_configuration(tmp_path, {})
-    assert str(error.value) == (
+    assert error_of(tmp_path, {}) == (
         f"{tmp_path}/configuration.yaml:2: http.auth_failure_burst: value must be at least 1"
     )
 
@@ -132,27 +136,21 @@ def test_settings_have_defaults_and_clear_errors(tmp_path: Path) -> None:
 # ---- a driver with chosen limits ----------------------------------------------------------
 
 
-async def start_driver(config_dir: Path, coap: str = "", http: str = "") -> Driver:
-    config_dir.mkdir(parents=True, exist_ok=True)
-    (config_dir / "configuration.yaml").write_text(
-        f"coap:\n  host: 127.0.0.1\n  port: 0\n{coap}http:\n  host: 127.0.0.1\n  port: 0\n{http}",
-        encoding="utf-8",
-    )
-    driver = Driver(config_dir)
-    await driver.start()
-    return driver
+@contextlib.asynccontextmanager
+async def driver_with_limits(config_dir: Path, coap: str = "", http: str = "") -> AsyncIterator[Driver]:
+    """A started driver whose coap/http sections get these extra (indented) lines."""
+    write_config(config_dir, coap=coap, http=http)
+    async with started_driver(config_dir) as driver:
+        yield driver
 
 
 @pytest.fixture
 async def limited(tmp_path: Path) -> AsyncIterator[Driver]:
     """CoAP: 1 refusal/s, burst 5 (a few refusals use the budget up)."""
-    driver = await start_driver(
+    async with driver_with_limits(
         tmp_path / "config", coap="  refusals_per_second: 1\n  refusal_burst: 5\n"
-    )
-    try:
+    ) as driver:
         yield driver
-    finally:
-        await driver.stop()
 
 
 class Socket(asyncio.DatagramProtocol):
@@ -202,9 +200,7 @@ async def test_over_budget_refused_datagrams_get_no_answer_but_devices_behind_it
     driver = limited
     sessions = []
     for index in range(1, 4):  # not in memory yet: each JOIN pays a token, and gets it back
-        device = make_device(f"A000000{index}", 17, index)
-        await add_device(driver.db, driver.box, device)
-        sessions.append(session_for(driver, device))
+        sessions.append(await enrolled_session(driver, make_device(f"A000000{index}", 17, index)))
         await sessions[-1].join("1.0.0", 17)
     session = sessions[0]
     transport, sock = await Socket.open(driver.coap_port)
@@ -244,8 +240,7 @@ async def test_gate_guesses_refusals_without_io(limited: Driver) -> None:
     gate = driver.coap_gate
     assert gate is not None
     device = make_device("A0000009", 17, 9)
-    await add_device(driver.db, driver.box, device)
-    session = session_for(driver, device)
+    session = await enrolled_session(driver, device)
     await session.join("1.0.0", 17)
     outer, request_id = session.protect("rx", RX)
     outer.mtype, outer.mid, outer.token = Type.CON, 7, b"g"
@@ -351,66 +346,63 @@ DEVICES = 20
 
 
 async def test_unknown_kid_flood_is_dropped_while_enrolled_devices_carry_on(tmp_path: Path) -> None:
-    driver = await start_driver(
+    async with driver_with_limits(
         tmp_path / "config", coap="  refusals_per_second: 20\n  refusal_burst: 100\n"
-    )
-    log = UplinkLog()
-    driver.bus.listen(EVENT_UPLINK, log)
-    flooder = None
-    try:
-        sessions = []
-        for index in range(DEVICES):
-            device = make_device(f"B{index:07d}", 17, index + 1)
-            await add_device(driver.db, driver.box, device)
-            session = session_for(driver, device)
-            await session.join("1.0.0", 17)
-            sessions.append(session)
-        quiet = await rx_rounds(sessions, until=asyncio.ensure_future(asyncio.sleep(FLOOD_SECONDS)))
-        drops_before = udp_drops(driver.coap_port)
-        flooder = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.test_rate_limit", "flood", FLOOD_SOURCE,
-            str(driver.coap_port), str(FLOOD_RATE), str(FLOOD_SECONDS),
-            cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.PIPE,
-        )
-        assert await flooder.stdout.readline() == b"ready\n"  # the flood starts now
-        finished = asyncio.ensure_future(flooder.stdout.readline())
-        flooded = await rx_rounds(sessions, until=finished)
-        report = json.loads(await finished)
-        dropped_by_kernel = udp_drops(driver.coap_port) - drops_before
-        counts = driver.refusals.counts
-        deadline = time.monotonic() + 10
-        while counts["unknown_kid"] + counts["rate_limited"] + dropped_by_kernel < report["sent"]:
-            assert time.monotonic() < deadline, (dict(counts), report, dropped_by_kernel)
-            await asyncio.sleep(0.05)  # the driver still works through its socket queue
-        answers = 0
-        async with asyncio.timeout(10):  # every refusal answered, and nothing else
-            while answers < counts["unknown_kid"]:
-                answers = json.loads(await flooder.stdout.readline())["answers"]
-        flooder.stdin.write(b"stop\n")
-        await flooder.wait()
-        print(
-            f"\nflood: {report['sent']} unknown-kid JOINs in {report['seconds']:.2f} s "
-            f"({report['sent'] / report['seconds']:.0f}/s), {answers} answered; "
-            f"refusals unknown_kid={counts['unknown_kid']} rate_limited={counts['rate_limited']} "
-            f"kernel drops={dropped_by_kernel}\n"
-            f"rx without flood: {summary(quiet)}\nrx during flood:  {summary(flooded)}"
-        )
-        uplinks = DEVICES + len(quiet) + len(flooded)  # JOINs, then every rx
-        assert len(await log.wait_for(uplinks)) == uplinks
-        assert counts["unknown_kid"] + counts["rate_limited"] + dropped_by_kernel == report["sent"]
-        # The burst, then 20 per second for as long as the flood lasted.
-        assert counts["unknown_kid"] <= 100 + math.ceil(20 * report["seconds"])
-        assert counts["rate_limited"] >= report["sent"] * 0.9
-        assert answers == counts["unknown_kid"]  # a dropped datagram has no answer
-        assert dropped_by_kernel == 0  # the enlarged receive queue held the flood
-        ordered = sorted(flooded)
-        assert ordered[int(len(ordered) * 0.95) - 1] < 0.5  # p95 below one retransmission
-    finally:
-        if flooder is not None and flooder.returncode is None:
-            flooder.kill()  # the test failed half-way
+    ) as driver:
+        log = UplinkLog()
+        driver.bus.listen(EVENT_UPLINK, log)
+        flooder = None
+        try:
+            sessions = []
+            for index in range(DEVICES):
+                session = await enrolled_session(driver, make_device(f"B{index:07d}", 17, index + 1))
+                await session.join("1.0.0", 17)
+                sessions.append(session)
+            quiet = await rx_rounds(sessions, until=asyncio.ensure_future(asyncio.sleep(FLOOD_SECONDS)))
+            drops_before = udp_drops(driver.coap_port)
+            flooder = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.test_rate_limit", "flood", FLOOD_SOURCE,
+                str(driver.coap_port), str(FLOOD_RATE), str(FLOOD_SECONDS),
+                cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.PIPE,
+            )
+            assert await flooder.stdout.readline() == b"ready\n"  # the flood starts now
+            finished = asyncio.ensure_future(flooder.stdout.readline())
+            flooded = await rx_rounds(sessions, until=finished)
+            report = json.loads(await finished)
+            dropped_by_kernel = udp_drops(driver.coap_port) - drops_before
+            counts = driver.refusals.counts
+            deadline = time.monotonic() + 10
+            while counts["unknown_kid"] + counts["rate_limited"] + dropped_by_kernel < report["sent"]:
+                assert time.monotonic() < deadline, (dict(counts), report, dropped_by_kernel)
+                await asyncio.sleep(0.05)  # the driver still works through its socket queue
+            answers = 0
+            async with asyncio.timeout(10):  # every refusal answered, and nothing else
+                while answers < counts["unknown_kid"]:
+                    answers = json.loads(await flooder.stdout.readline())["answers"]
+            flooder.stdin.write(b"stop\n")
             await flooder.wait()
-        await driver.stop()
+            print(
+                f"\nflood: {report['sent']} unknown-kid JOINs in {report['seconds']:.2f} s "
+                f"({report['sent'] / report['seconds']:.0f}/s), {answers} answered; "
+                f"refusals unknown_kid={counts['unknown_kid']} rate_limited={counts['rate_limited']} "
+                f"kernel drops={dropped_by_kernel}\n"
+                f"rx without flood: {summary(quiet)}\nrx during flood:  {summary(flooded)}"
+            )
+            uplinks = DEVICES + len(quiet) + len(flooded)  # JOINs, then every rx
+            assert len(await log.wait_for(uplinks)) == uplinks
+            assert counts["unknown_kid"] + counts["rate_limited"] + dropped_by_kernel == report["sent"]
+            # The burst, then 20 per second for as long as the flood lasted.
+            assert counts["unknown_kid"] <= 100 + math.ceil(20 * report["seconds"])
+            assert counts["rate_limited"] >= report["sent"] * 0.9
+            assert answers == counts["unknown_kid"]  # a dropped datagram has no answer
+            assert dropped_by_kernel == 0  # the enlarged receive queue held the flood
+            ordered = sorted(flooded)
+            assert ordered[int(len(ordered) * 0.95) - 1] < 0.5  # p95 below one retransmission
+        finally:
+            if flooder is not None and flooder.returncode is None:
+                flooder.kill()  # the test failed half-way
+                await flooder.wait()
 
 
 # ---- HTTP: failed authentications ----------------------------------------------------------
@@ -419,13 +411,10 @@ async def test_unknown_kid_flood_is_dropped_while_enrolled_devices_carry_on(tmp_
 @pytest.fixture
 async def http_limited(tmp_path: Path) -> AsyncIterator[Driver]:
     """HTTP: 6 failed authentications per minute, burst 3."""
-    driver = await start_driver(
+    async with driver_with_limits(
         tmp_path / "config", http="  auth_failures_per_minute: 6\n  auth_failure_burst: 3\n"
-    )
-    try:
+    ) as driver:
         yield driver
-    finally:
-        await driver.stop()
 
 
 def bearer(token: str) -> dict[str, str]:

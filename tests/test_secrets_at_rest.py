@@ -13,7 +13,7 @@ import hmac
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,7 +27,6 @@ from sqlalchemy import select, text
 
 from driver_core import logs
 from driver_core.driver import Driver
-from driver_core.enrollment import add_device
 from driver_core.integration_base import form_field, is_secret, secret_fields
 from driver_core.integrations import SEALED, seal, unseal
 from driver_core.storage.db import Database
@@ -35,7 +34,8 @@ from driver_core.storage.models import IntegrationSettings
 from driver_core.storage.secretbox import SecretBox
 from driver_core.tokens import create_token
 from driver_core.web import users_cli
-from tests.conftest import make_device, session_for, write_config
+from tests.conftest import enrolled_session, make_device, started_driver, write_config
+from tests.http_helpers import http_endpoint
 from tests.mqtt_helpers import MOSQUITTO, Mosquitto
 from tests.web_fixtures import ADMIN, PASSWORD, WebClient, new_http, origin
 
@@ -70,12 +70,8 @@ class PasswordMosquitto(Mosquitto):
 
 @pytest.fixture
 async def broker(tmp_path: Path) -> AsyncIterator[PasswordMosquitto]:
-    mosquitto = PasswordMosquitto(tmp_path / "mosquitto")
-    await mosquitto.start()
-    try:
+    async with PasswordMosquitto(tmp_path / "mosquitto") as mosquitto:
         yield mosquitto
-    finally:
-        await mosquitto.stop()
 
 
 def broker_config(broker: Mosquitto) -> str:
@@ -322,19 +318,6 @@ def _inputs(page: str) -> list[tuple[str, str]]:
 # ---- the log at DEBUG ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def restore_levels() -> Iterator[None]:
-    """The test turns every logger to DEBUG; put the levels back."""
-    manager = logging.getLogger().manager
-    saved = {n: lg.level for n, lg in manager.loggerDict.items() if isinstance(lg, logging.Logger)}
-    root = logging.getLogger().level
-    yield
-    logging.getLogger().setLevel(root)
-    for name, logger in manager.loggerDict.items():
-        if isinstance(logger, logging.Logger):
-            logger.setLevel(saved.get(name, logging.NOTSET))
-
-
 async def test_no_secret_in_the_debug_log_of_join_uplink_settings_and_api(
     tmp_path: Path, broker: PasswordMosquitto, caplog: pytest.LogCaptureFixture, restore_levels: None
 ) -> None:
@@ -346,21 +329,13 @@ async def test_no_secret_in_the_debug_log_of_join_uplink_settings_and_api(
         got_hook.set()
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    hook_url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-
     caplog.set_level(logging.DEBUG)
     for name in logs.QUIET:  # the libraries too, at their most talkative
         logging.getLogger(name).setLevel(logging.DEBUG)
     config_dir = tmp_path / "config"
     write_config(config_dir, extra=broker_config(broker))
-    driver = Driver(config_dir)
-    await driver.start()
-    try:
+    async with http_endpoint("/hook", hook) as hook_port, started_driver(config_dir) as driver:
+        hook_url = f"http://127.0.0.1:{hook_port}/hook"
         # a settings save (the external broker's password, the callbacks' HMAC key)
         await driver.integrations.save("mqtt", {"password": BROKER_PASSWORD})
         await driver.integrations.save("callbacks", {"hmac_secret": HMAC_SECRET})
@@ -368,8 +343,7 @@ async def test_no_secret_in_the_debug_log_of_join_uplink_settings_and_api(
         await connected(driver)
         # a JOIN and an uplink
         device = make_device("S0000009", 17, 77)
-        await add_device(driver.db, driver.box, device)
-        session = session_for(driver, device)
+        session = await enrolled_session(driver, device)
         await session.join("1.0.0", 17)
         await session.post("rx", cbor2.dumps({1: 5}))
         # API calls with a token (a good one, a wrong one)
@@ -391,9 +365,6 @@ async def test_no_secret_in_the_debug_log_of_join_uplink_settings_and_api(
             await got_hook.wait()  # the callback went out, signed with the HMAC key
         body, signature = hooks[0]
         assert signature == "sha256=" + hmac.new(HMAC_SECRET.encode(), body, hashlib.sha256).hexdigest()
-    finally:
-        await driver.stop()
-        await runner.cleanup()
     text_ = "\n".join(f"{r.name} {r.getMessage()} {r.__dict__}" for r in caplog.records)
     assert "Integration mqtt reloaded with new settings" in text_
     secrets = {
