@@ -1,8 +1,8 @@
-"""The CoAP side: OSCORE-protected resources /join, /rx, /ack, /fota, /fota/<version> on aiocoap.
+"""The CoAP side: OSCORE-protected resources /join, /rx, /ack, /fota, /fota/<version>.
 
-Handlers stay short (decode, one group-committed write, answer) so every answer
-is piggybacked in the ACK well inside aiocoap's 100 ms empty-ACK delay; a
-sleeping device would miss a separate response.
+Built on aiocoap's message and OSCORE classes; the UDP listener in front is
+`driver_core.coap_transport`. Handlers stay short (decode, one group-committed
+write, answer): the device waits, awake, for the answer in the ACK.
 """
 
 from __future__ import annotations
@@ -454,7 +454,7 @@ class FotaDownloadResource(DeviceResource):
         # POST. Until then a restart could accept a replay of a block request, which only
         # returns the very ciphertext already sent (same request nonce, same block): a GET
         # changes nothing. Waiting for a commit per block would cost a transaction per
-        # block and push answers past aiocoap's 100 ms empty-ACK delay under load.
+        # block and delay every block under load.
         service.block_served(state, image, block)
         return aiocoap.Message(
             code=Code.CONTENT,
