@@ -24,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.baseline_server import write_ready
+from driver_core import runtime
 from driver_core.driver import Driver
 
 # Leaf frames (file:function:line) where a thread waits for work rather than doing it.
@@ -172,7 +173,8 @@ def main() -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(run(args.config_dir, args.ready_file, args.profile, args.sample))
+    runtime.tune_garbage_collector()  # as `coap-driver run` does
+    runtime.run(run(args.config_dir, args.ready_file, args.profile, args.sample))
 
 
 if __name__ == "__main__":

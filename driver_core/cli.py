@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__, logs, ops_cli
+from . import __version__, logs, ops_cli, runtime
 from .components import ComponentError
 from .config import ConfigError
 from .device_client import CoapTiming
@@ -487,8 +487,11 @@ def main(argv: list[str] | None = None) -> int:
     # One-shot commands print their own results; only the long-running ones narrate.
     _setup_logging("INFO" if func in (cmd_run, cmd_demo, cmd_simulate) else "WARNING")
     expected = EXPECTED_ERRORS + _broker_error_types()
+    serving = func in (cmd_run, cmd_demo)
+    if serving:
+        runtime.tune_garbage_collector()
     try:
-        return asyncio.run(func(args))
+        return runtime.run(func(args)) if serving else asyncio.run(func(args))
     except expected as exc:
         print(f"coap-driver: {exc}", file=sys.stderr)
         return 2
