@@ -130,6 +130,11 @@ class PairwiseContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityCon
         protected_serialized, protected, unprotected, ciphertext = super()._extract_encrypted0(
             message
         )
+        if oscore.COSE_COUNTERSIGNATURE0 in unprotected:
+            # Group OSCORE's flag: aiocoap would look for a group key here and fail with
+            # an AttributeError (it catches NameError), i.e. a 5.00; a pairwise context
+            # simply cannot decode it.
+            raise oscore.DecodeError("group OSCORE message under a pairwise context")
         received = unprotected.pop(COSE_KID_CONTEXT, None)
         if (
             received is not None

@@ -391,6 +391,18 @@ async def test_crashes_found_by_the_fuzzer_stay_fixed(
     assert target.driver.refusals.counts[reason] == before + 1
 
 
+async def test_a_group_oscore_flag_is_a_decode_error_not_a_crash(target: Target) -> None:
+    """Found by the fuzzer: the Group OSCORE flag made aiocoap answer 5.00 with a traceback."""
+    outer, _ = target.session.protect("rx", RX)
+    option = outer.opt.oscore
+    outer.opt.oscore = bytes([option[0] | 0x20]) + option[1:]
+    outer.mtype, outer.mid, outer.token = Type.CON, 0x7778, b"gr"
+    before = target.driver.refusals.counts["malformed_oscore"]
+    answers = await send(target, outer.encode())
+    assert [(a.code, a.payload) for a in answers] == [(Code.BAD_OPTION, b"Failed to decode COSE")]
+    assert target.driver.refusals.counts["malformed_oscore"] == before + 1
+
+
 @pytest.mark.parametrize("which", ["rx", "join"])
 async def test_exact_replays_are_refused(target: Target, which: str) -> None:
     data = target.consumed_rx if which == "rx" else target.consumed_join

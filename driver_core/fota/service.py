@@ -229,6 +229,7 @@ class FotaService:
         self._tracks: dict[int, Track] = {}  # device id -> its update
         self._by_serial: dict[str, Track] = {}
         self._dirty: set[int] = set()
+        self._flush_lock = asyncio.Lock()  # see flush()
         self._fds: dict[int, int] = {}
         self._stamp: tuple[Any, ...] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -510,7 +511,15 @@ class FotaService:
 
     # -- persistence ---------------------------------------------------------------------------
     async def flush(self) -> None:
-        """Write the changed updates (one transaction through the database's writer)."""
+        """Write the changed updates (one transaction through the database's writer).
+
+        Flushes take turns: a caller that finds nothing dirty because the periodic
+        flush has just taken it still returns only once that write is committed.
+        """
+        async with self._flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._dirty:
             return
         ids, self._dirty = self._dirty, set()
