@@ -376,6 +376,7 @@ class RunOptions:
     sample: Path | None = None
     inflight: int | None = None
     py_spy: Path | None = None
+    cluster: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -389,7 +390,10 @@ async def driver_run(options: RunOptions, rate: float | None, join_storm: int | 
         async with database_for_run(options.database, workdir) as database_url:
             result["database"] = database_url.split("://")[0]
             config_dir = workdir / "config"
-            write_driver_config(config_dir, database_url, prefix, options.qos)
+            write_driver_config(
+                config_dir, database_url, prefix, options.qos,
+                extra="cluster: true\n" if options.cluster else "",
+            )
             result["enroll_s"] = round(await enroll(config_dir, count), 2)
             subscriber = Subscriber(prefix, options.qos).start()
             argv = ["-m", "bench.driver_runner", str(config_dir)]
@@ -593,6 +597,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--inflight", type=int, help="closed loop with this many requests in flight instead of --rate")
     parser.add_argument("--database", help="postgresql+asyncpg://user@host/db (a fresh database is created in it)")
     parser.add_argument("--qos", type=int, default=1, choices=(0, 1, 2))
+    parser.add_argument(
+        "--cluster", action="store_true",
+        help="run the driver with cluster: true (needs --database): the shared-state checks' cost",
+    )
     parser.add_argument("--sockets", type=int, default=16, help="UDP sockets of the generator")
     parser.add_argument("--join-concurrency", type=int, default=100)
     parser.add_argument("--join-storm", type=int, metavar="N", help="only measure how long N devices take to JOIN")
@@ -628,7 +636,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         sample=args.sample,
         inflight=args.inflight,
         py_spy=args.py_spy,
+        cluster=args.cluster,
     )
+    if args.cluster and not args.database:
+        raise SystemExit("--cluster needs --database postgresql+asyncpg://...")
     report = report_header(args, loopback=True)
     if args.join_storm:
         storm = await driver_run(options, None, join_storm=args.join_storm)
