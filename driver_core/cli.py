@@ -152,14 +152,19 @@ async def cmd_device_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outcome(done: bool, success: str, missing: str) -> int:
+    """Exit status and message of a command that removes something by name."""
+    if not done:
+        print(missing, file=sys.stderr)
+        return 1
+    print(success)
+    return 0
+
+
 async def cmd_device_remove(args: argparse.Namespace) -> int:
     async with _storage(args.config) as (_driver, db, _box):
         removed = await delete_device(db, args.serial)
-    if not removed:
-        print(f"no device with serial {args.serial}", file=sys.stderr)
-        return 1
-    print(f"removed {args.serial}")
-    return 0
+    return _outcome(removed, f"removed {args.serial}", f"no device with serial {args.serial}")
 
 
 async def cmd_token_create(args: argparse.Namespace) -> int:
@@ -183,11 +188,7 @@ async def cmd_token_list(args: argparse.Namespace) -> int:
 async def cmd_token_revoke(args: argparse.Namespace) -> int:
     async with _storage(args.config) as (_driver, db, _box):
         revoked = await revoke_token(db, args.name)
-    if not revoked:
-        print(f"no token named {args.name!r}", file=sys.stderr)
-        return 1
-    print(f"revoked {args.name}")
-    return 0
+    return _outcome(revoked, f"revoked {args.name}", f"no token named {args.name!r}")
 
 
 async def cmd_user_add(args: argparse.Namespace) -> int:
@@ -209,11 +210,7 @@ async def cmd_user_list(args: argparse.Namespace) -> int:
 async def cmd_user_remove(args: argparse.Namespace) -> int:
     async with _storage(args.config) as (_driver, db, _box):
         removed = await delete_user(db, args.username)
-    if not removed:
-        print(f"no user named {args.username!r}", file=sys.stderr)
-        return 1
-    print(f"removed {args.username}")
-    return 0
+    return _outcome(removed, f"removed {args.username}", f"no user named {args.username!r}")
 
 
 async def cmd_firmware_upload(args: argparse.Namespace) -> int:

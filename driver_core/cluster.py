@@ -65,7 +65,6 @@ class Cluster:
         self.dead_after_s = float(settings["dead_after_seconds"])
         self.instance_id: int | None = None
         self.leader = False
-        self.adopted = 0
         self._healthy_since: float | None = None
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -149,7 +148,6 @@ class Cluster:
             await session.execute(delete(Instance).where(Instance.heartbeat_at < dead_before))
         adopted = result.rowcount or 0
         if adopted:
-            self.adopted += adopted
             _LOGGER.warning("Adopted %d unpublished uplink(s) of stopped instances", adopted)
             self._bus.fire(EVENT_OUTBOX_ADOPTED, adopted)
 

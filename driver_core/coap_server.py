@@ -28,6 +28,7 @@ from .coap_transport import CoapListener, start_listener
 from .family import PayloadDecodeError
 from .fota.blockwise import OCTET_STREAM, BlockOutOfRange, negotiate
 from .security import DeviceContext, DeviceCredentials, DeviceState, PossiblyStaleContext
+from .storage.health import first_line
 from .timefmt import utcnow
 from .uplink import Uplink
 from .writer import SharedStateRefused, StorageUnavailable, UplinkWriter, WriteJob
@@ -51,11 +52,12 @@ def cbor_answer(code: Code, body: dict[Any, Any]) -> aiocoap.Message:
 
 @contextlib.contextmanager
 def unavailable_storage_is_503(refusals: Refusals, **facts: Any) -> Iterator[None]:
-    """A database read that fails on the CoAP path: 5.03, so the device retries later."""
+    """Storage that fails on the CoAP path (a read, or the writer's commit): 5.03, so the
+    device retries later."""
     try:
         yield
-    except (SQLAlchemyError, OSError) as exc:
-        refusals.record(why.STORAGE, detail=str(exc).splitlines()[0][:200], **facts)
+    except (SQLAlchemyError, OSError, StorageUnavailable) as exc:
+        refusals.record(why.STORAGE, detail=first_line(exc)[:200], **facts)
         raise error.ServiceUnavailable("Storage unavailable, retry later") from None
 
 
@@ -104,7 +106,6 @@ class DeviceSite(OscoreSiteWrapper):
             self._refusals.record(why.DECRYPTION_FAILED, remote=request.remote, kid=kid, serial=state.serial)
             raise
 
-
     async def _render_or_reload(self, pipe, state: DeviceState) -> None:
         """Verify and render; in cluster mode, a failure under the cached context may only mean
         that the device re-joined through another instance: reload it and try once more."""
@@ -112,17 +113,19 @@ class DeviceSite(OscoreSiteWrapper):
             await self._verify_and_render(pipe)
             return
         except (error.BadRequest, PossiblyStaleContext) as exc:
-            shared = self._credentials.shared
-            if not shared or not await self._credentials.reloaded_other_context(state):
+            if not self._credentials.shared or not await self._credentials.reloaded_other_context(state):
                 if isinstance(exc, PossiblyStaleContext):
-                    self._refusals.record(why.REPLAY, remote=pipe.request.remote, kid=state.kid, serial=state.serial)
-                    raise error.Unauthorized("Replay detected") from None
+                    raise self._replay(pipe, state) from None
                 raise
         try:
             await self._verify_and_render(pipe)
         except PossiblyStaleContext:
-            self._refusals.record(why.REPLAY, remote=pipe.request.remote, kid=state.kid, serial=state.serial)
-            raise error.Unauthorized("Replay detected") from None
+            raise self._replay(pipe, state) from None
+
+    def _replay(self, pipe, state: DeviceState) -> error.Unauthorized:
+        """Count a replay that only the cluster check could judge; its 4.01 to raise."""
+        self._refusals.record(why.REPLAY, remote=pipe.request.remote, kid=state.kid, serial=state.serial)
+        return error.Unauthorized("Replay detected")
 
     async def _verify_and_render(self, pipe) -> None:
         """OSCORE-verify, call the resource, protect its answer: what aiocoap's wrapper does,
@@ -240,10 +243,8 @@ class DeviceResource(resource.Resource):
 
     async def store(self, job: WriteJob) -> None:
         try:
-            await self.core.writer.submit(job)
-        except StorageUnavailable as exc:
-            self.core.refusals.record(why.STORAGE, serial=job.state.serial, detail=str(exc))
-            raise error.ServiceUnavailable("Storage unavailable, retry later") from None
+            with unavailable_storage_is_503(self.core.refusals, serial=job.state.serial):
+                await self.core.writer.submit(job)
         except SharedStateRefused as exc:  # cluster mode: another instance got there first
             state = job.state
             if exc.reason == "replay":

@@ -229,8 +229,8 @@ def core_schemas(config_dir: Path) -> dict[str, vol.Schema]:
         "cluster": vol.Schema(
             vol.All(
                 # `cluster: true` is short for `cluster: {enabled: true}`.
-                lambda v: {"enabled": v} if isinstance(v, bool) else ({} if v is None else v),
-                vol.Schema(
+                lambda v: {"enabled": v} if isinstance(v, bool) else v,
+                _section(
                     {
                         # Several instances share one PostgreSQL database and one broker.
                         vol.Optional("enabled", default=False): vol.Boolean(),

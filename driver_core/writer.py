@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from .downlinks import DownlinkStateEvent, StateChange, apply_changes
 from .events import EVENT_DOWNLINK_STATE, EVENT_UPLINK, EventBus
 from .oscore_context import REPLAY_WINDOW
+from .storage.health import first_line
 from .storage.models import Device, OutboxMessage, SecurityContext, UplinkRecord
 from .tasks import cancel_and_wait
 from .uplink import Uplink
@@ -124,7 +125,7 @@ class UplinkWriter:
                 self._done(batch)
 
     def _fail(self, batch: list[tuple[WriteJob, asyncio.Future[None]]], exc: Exception) -> None:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # not the SQL text
+        reason = first_line(exc)  # not the SQL text
         _LOGGER.error("Could not store %d uplink(s): %s", len(batch), reason)
         for job, future in batch:
             job.downlink_events.clear()

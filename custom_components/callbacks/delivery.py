@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from driver_core.storage.health import first_line
 from driver_core.timefmt import utcnow
 
 from .config_flow import JITTER_FULL
@@ -262,8 +263,7 @@ class CallbackDelivery:
                 delay = min(delay * 2, DB_RETRY_MAX_S)
 
     def _report_db_error(self, doing: str, exc: Exception) -> None:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        message = f"database error while {doing}: {reason}"
+        message = f"database error while {doing}: {first_line(exc)}"
         if message != self.last_error:
             _LOGGER.warning("Callbacks: %s", message)
         self.last_error = message

@@ -27,12 +27,17 @@ def is_storage_failure(exc: BaseException) -> bool:
     return isinstance(exc, SQLAlchemyError | OSError | sqlite3.Error)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error (SQLAlchemy appends the SQL and a help link), or its type."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def log_retry(logger: logging.Logger, doing: str, exc: BaseException) -> None:
     """A background task failed and will try again: one line when the database is away
     (the storage health already tells the story), the traceback when it is a bug."""
     if is_storage_failure(exc):
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        logger.warning("%s failed, database unavailable (%s); retrying", doing, reason)
+        logger.warning("%s failed, database unavailable (%s); retrying", doing, first_line(exc)[:200])
     else:
         logger.error("%s failed; retrying", doing, exc_info=exc)
 

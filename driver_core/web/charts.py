@@ -19,6 +19,7 @@ from markupsafe import Markup, escape
 from sqlalchemy import select
 
 from driver_core.storage.models import Device, UplinkRecord
+from driver_core.web.devices_view import field_units
 
 if TYPE_CHECKING:
     from driver_core.driver import Driver
@@ -209,7 +210,7 @@ async def device_charts(
             )
         ).all()
     rows.reverse()
-    units = _units(driver, device.hw_type)
+    units = field_units(driver, device.hw_type)
     charts = []
     for name, points in numeric_series([(at, data) for at, data in rows]).items():
         values = [v for _, v in points]
@@ -228,18 +229,6 @@ async def device_charts(
             )
         )
     return charts
-
-
-def _units(driver: Driver, hw_type: int) -> dict[str, tuple[str | None, str | None]]:
-    family = driver.families.get(hw_type)
-    units: dict[str, tuple[str | None, str | None]] = {}
-    if family is not None:
-        for spec in family.fields_for(hw_type):
-            units[spec.name] = (spec.unit, spec.description)
-        for entity in family.entities_for(hw_type):
-            unit, description = units.get(entity.key, (None, None))
-            units[entity.key] = (unit or entity.unit, description or entity.name)
-    return units
 
 
 def format_number(value: float) -> str:

@@ -166,8 +166,8 @@ async def find_device(driver: Driver, serial: str) -> Device | None:
         return await session.scalar(select(Device).where(Device.serial == serial))
 
 
-def data_items(driver: Driver, hw_type: int, data: dict[str, Any]) -> list[DataItem]:
-    """Decoded values with the unit and description the family declares for each field."""
+def field_units(driver: Driver, hw_type: int) -> dict[str, tuple[str | None, str | None]]:
+    """(unit, description) of each field the family declares for `hw_type` (fields, then entities)."""
     family = driver.families.get(hw_type)
     units: dict[str, tuple[str | None, str | None]] = {}
     if family is not None:
@@ -176,6 +176,12 @@ def data_items(driver: Driver, hw_type: int, data: dict[str, Any]) -> list[DataI
         for entity in family.entities_for(hw_type):
             unit, description = units.get(entity.key, (None, None))
             units[entity.key] = (unit or entity.unit, description or entity.name)
+    return units
+
+
+def data_items(driver: Driver, hw_type: int, data: dict[str, Any]) -> list[DataItem]:
+    """Decoded values with the unit and description the family declares for each field."""
+    units = field_units(driver, hw_type)
     return [
         DataItem(name, value, *units.get(name, (None, None))) for name, value in data.items()
     ]
