@@ -18,6 +18,7 @@ import aiohttp
 import cbor2
 import pytest
 import voluptuous as vol
+import yarl
 from playwright.async_api import Browser, async_playwright, expect
 from sqlalchemy import func, insert, select
 
@@ -199,6 +200,55 @@ async def test_login_goes_back_to_the_page_asked_for_but_never_off_site(panel: P
         page = await web.post("/login", {"username": ADMIN, "password": PASSWORD,
                                          "next": "//evil.example/x"})
         assert page.url == panel.base + "/devices"
+
+
+# What the server sees in the form field ``next`` (aiohttp encodes the form), each an
+# attempt to leave the site once a browser or urljoin has normalised it (WHATWG URL parser:
+# tab/CR/LF dropped anywhere, C0 and spaces trimmed, "\\" read as "/", "//host" scheme-relative).
+HOSTILE_NEXT = [
+    "/\t/evil.com", "/%09/evil.com", "//evil.com", "/\\evil.com", "\\/evil.com", "/\\/evil.com",
+    "/\r\n/evil.com", "/%0d%0a/evil.com", "/x\r\nSet-Cookie: a=b", "/%0D%0ASet-Cookie:%20a=b",
+    " /x", "\t//evil.com", "\x00//evil.com", "/\x00/evil.com", "/x ", "/%2F/evil.com",
+    "/%5C/evil.com", "%2F%2Fevil.com", "https://evil.com", "http:evil.com", "javascript:alert(1)",
+    "/\uff0fevil.com", "\u2215\u2215evil.com", "/\u202e/moc.live", "/%E2%80%AE/x", "/\u3000/x",
+    "", "devices",
+]
+LEGITIMATE_NEXT = ["/devices?page=2", "/devices/A0000001#commands", "/devices?q=a%26b&sort=serial",
+                   "/"]
+
+
+async def _login_location(base: str, target: str) -> str:
+    """Location of the answer to a successful POST /login with next=target (not followed)."""
+    async with new_http() as http:
+        web = WebClient(base, http)
+        await web.get("/login")
+        form = {"csrf_token": web.csrf, "username": ADMIN, "password": PASSWORD, "next": target}
+        async with http.post(base + "/login", data=form, allow_redirects=False) as response:
+            assert response.status == 303, (target, response.status, await response.text())
+            return response.headers["Location"]
+
+
+async def test_login_redirects_only_to_a_local_path(panel: Panel) -> None:
+    for target in HOSTILE_NEXT:
+        assert await _login_location(panel.base, target) == "/", repr(target)
+    for target in LEGITIMATE_NEXT:
+        assert await _login_location(panel.base, target) == target, repr(target)
+
+
+async def test_next_survives_the_way_to_login_exactly_and_login_page_drops_hostile_ones(
+    panel: Panel,
+) -> None:
+    async with new_http() as http:
+        wanted = "/devices?q=a%26b&sort=serial"  # a search for "a&b"
+        async with http.get(panel.base + wanted, allow_redirects=False) as response:
+            assert response.headers["Location"] == "/login?next=%2Fdevices%3Fq%3Da%2526b%26sort%3Dserial"
+        web = WebClient(panel.base, http)
+        await web.login()
+        for raw, location in (("/%0d%0a/evil.com", "/"), ("/%09/evil.com", "/"),
+                              ("%2Fdevices%3Fpage%3D2", "/devices?page=2")):
+            url = yarl.URL(panel.base + "/login?next=" + raw, encoded=True)
+            async with http.get(url, allow_redirects=False) as response:
+                assert (response.status, response.headers["Location"]) == (303, location), raw
 
 
 async def test_post_without_or_with_a_wrong_csrf_token_is_refused(panel: Panel, client: WebClient) -> None:

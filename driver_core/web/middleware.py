@@ -131,7 +131,7 @@ async def _gate(request: web.Request, handler: Handler) -> web.StreamResponse:
             return redirect("/login")
         if await count_users(context.driver.db) == 0:
             return redirect("/setup")
-        wanted = request.path_qs
+        wanted = request.raw_path  # as sent: decoding here would change "?q=a%26b" into "?q=a&b"
         return redirect("/login" + (f"?next={quote(wanted, safe='')}" if wanted != "/" else ""))
     if request.method == "POST":
         try:

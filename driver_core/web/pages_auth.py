@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from urllib.parse import unquote
+
 from aiohttp import web
 
 from .context import SESSION, USER, ctx, driver, form, page, redirect
@@ -11,10 +14,23 @@ from .users import UserError, authenticate, count_users, create_first_user
 routes = web.RouteTableDef()
 
 
+# One leading "/", then printable ASCII only: no second "/" or "\\" after it (scheme-relative
+# to a browser), no space, tab, CR/LF or other control (trimmed or dropped by the WHATWG URL
+# parser, or a header injection), no non-ASCII look-alike of "/".
+_LOCAL_PATH = re.compile(r"/(?![/\\])[!-\[\]-~]*")
+
+
 def _safe_next(target: str | None) -> str:
-    """Only a local path (never //host or a URL): no open redirect after login."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-        return "/devices"
+    """``target`` if it is a local path once browsers have normalised it, else ``/``.
+
+    Checked as sent and once percent-decoded too (``/%2F/host``, ``/%0d%0a``...), for
+    whatever decodes it again on the way; only a plain printable local path passes.
+    """
+    if not target or not _LOCAL_PATH.fullmatch(target):
+        return "/"
+    decoded = unquote(target)
+    if decoded[1:2] in ("/", "\\") or "\\" in decoded or not decoded.isprintable():
+        return "/"
     return target
 
 
