@@ -18,6 +18,7 @@ from driver_core.errors import RequestRefused
 from driver_core.tokens import verify_token
 
 from . import routes_devices, routes_downlinks, routes_firmware
+from .access_log import AccessLogger
 from .docs_page import OPENAPI_PATH, add_docs_routes, is_public
 from .errors import MAX_BODY_BYTES, ApiError, Handler, json_errors
 from .openapi import build_document
@@ -128,7 +129,9 @@ class ApiServer:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on host:port (port 0 picks a free one, see ``port``); OSError if it cannot."""
-        runner = web.AppRunner(self.app, shutdown_timeout=SHUTDOWN_TIMEOUT)
+        runner = web.AppRunner(
+            self.app, shutdown_timeout=SHUTDOWN_TIMEOUT, access_log_class=AccessLogger
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port)
