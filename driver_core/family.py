@@ -28,6 +28,17 @@ FIELD_TYPES = ("uint", "int", "float", "bool", "enum", "bitfield", "tstr")
 NUMERIC_TYPES = ("uint", "int", "float")
 RESERVED_FIELD_NAMES = ("unknown", "error", "raw")
 COMMAND_PARAMETER = 1  # commands carry no value; the wire parameter is always 1
+# What a text parameter may hold (`charset:` in family.yaml), in the words of the refusal
+# and the test. A NUL, a bidi override or a control character has no place in an APN or a
+# label: devices may truncate at it and people cannot see it.
+CHARSETS: dict[str, tuple[str, Callable[[str], bool]]] = {
+    "printable_ascii": ("printable ASCII", lambda char: " " <= char <= "~"),
+    "printable": (
+        "printable characters (no control, format or line separator characters)",
+        str.isprintable,
+    ),
+}
+DEFAULT_CHARSET = "printable_ascii"
 
 SENSOR_DEVICE_CLASSES = frozenset(  # Home Assistant device classes (2024.x)
     """
@@ -135,6 +146,7 @@ class CommandSpec:
     options: dict[int, str] = field(default_factory=dict)  # wire value -> label
     min_length: int | None = None
     max_length: int | None = None
+    charset: str = DEFAULT_CHARSET  # type str: a key of CHARSETS
     hw_types: tuple[int, ...] = ()  # empty: every hw_type of the family
 
     def validate_parameter(self, value: Any) -> int | str | bytes:
@@ -153,6 +165,7 @@ class CommandSpec:
                 raise ParameterError(
                     f"{self.name} must be {low} to {high} characters long, got {len(value)}"
                 )
+            self._check_charset(value)
             return value
         if self.options:
             number = _as_int(value)
@@ -178,6 +191,16 @@ class CommandSpec:
             )
         return number
 
+    def _check_charset(self, value: str) -> None:
+        """ParameterError naming the first character outside the charset (1-based) and its code."""
+        words, allowed = CHARSETS[self.charset]
+        for position, char in enumerate(value, start=1):
+            if not allowed(char):
+                raise ParameterError(
+                    f"{self.name}: character {position} (U+{ord(char):04X}) is not allowed; "
+                    f"{self.name} accepts {words}"
+                )
+
     def voluptuous_validator(self) -> Callable[[Any], int | str | bytes]:
         """validate_parameter for use inside a vol.Schema, keeping the precise message.
 
@@ -202,6 +225,8 @@ class CommandSpec:
             schema.update(type="string", minLength=self.min_length or 0)
             if self.max_length is not None:
                 schema["maxLength"] = self.max_length
+            if self.charset == "printable_ascii":
+                schema["pattern"] = "^[ -~]*$"
         elif self.options:
             schema.update(
                 type="integer",
@@ -741,6 +766,7 @@ _CONFIGURATION_SCHEMA = vol.Schema(
         vol.Optional("options"): vol.All({_int: _text}, vol.Length(min=1)),
         vol.Optional("min_length"): _uint,
         vol.Optional("max_length"): vol.All(_int, vol.Range(min=1)),
+        vol.Optional("charset"): _one_of(*CHARSETS),
         vol.Optional("hw_types"): [_int],
     }
 )
@@ -929,9 +955,11 @@ class _Builder:
         kind = raw["type"]
         allowed = {
             "int": {"options", "min", "max", "step", "unit", "default"},
-            "str": {"min_length", "max_length", "default"},
+            "str": {"min_length", "max_length", "charset", "default"},
         }[kind]
-        for option in ("options", "min", "max", "step", "min_length", "max_length", "unit"):
+        for option in (
+            "options", "min", "max", "step", "min_length", "max_length", "charset", "unit"
+        ):
             if option in raw and option not in allowed:
                 raise self.fail([*at, option], f"not allowed for type {kind}")
         if kind == "str":
@@ -942,6 +970,7 @@ class _Builder:
                 type="str",
                 min_length=raw.get("min_length", 0),
                 max_length=raw["max_length"],
+                charset=raw.get("charset", DEFAULT_CHARSET),
                 default=raw.get("default"),
                 **common,
             )

@@ -402,7 +402,7 @@ async def test_device_families_list_each_family_once_with_commands(api: ApiClien
     ]
     assert commands["apn"]["parameter"] == {
         "description": "Cellular access point name", "type": "string", "minLength": 1,
-        "maxLength": 63,
+        "maxLength": 63, "pattern": "^[ -~]*$",
     }
 
 
@@ -598,6 +598,42 @@ async def test_cancel_after_dispatch_is_refused(api: ApiClient, enroll):
             },
         ),
         (
+            {"command": "apn", "parameter": "iot\x00x"},
+            400,
+            {
+                "error": "invalid_parameter",
+                "detail": "apn: character 4 (U+0000) is not allowed; apn accepts printable ASCII",
+                "field": "parameter",
+            },
+        ),
+        (
+            {"command": "apn", "parameter": "\u202eten.elpmaxe"},
+            400,
+            {
+                "error": "invalid_parameter",
+                "detail": "apn: character 1 (U+202E) is not allowed; apn accepts printable ASCII",
+                "field": "parameter",
+            },
+        ),
+        (
+            {"command": "apn", "parameter": "iot.\x07"},
+            400,
+            {
+                "error": "invalid_parameter",
+                "detail": "apn: character 5 (U+0007) is not allowed; apn accepts printable ASCII",
+                "field": "parameter",
+            },
+        ),
+        (
+            {"command": "apn", "parameter": "iot\texample"},
+            400,
+            {
+                "error": "invalid_parameter",
+                "detail": "apn: character 4 (U+0009) is not allowed; apn accepts printable ASCII",
+                "field": "parameter",
+            },
+        ),
+        (
             {"command": "reboot", "command_id": "x" * 129},
             400,
             {
@@ -669,6 +705,14 @@ async def test_refused_downlinks_name_the_field_and_queue_nothing(
     assert (reply.status, reply.body) == (status, expected)
     history = await api.call("GET", "/devices/K0000010/downlinks")
     assert history.body["total"] == 0
+
+
+async def test_a_printable_apn_is_queued_as_sent(api: ApiClient, enroll):
+    await enroll(make_device("K0000011", 17, 11))
+    body = {"command": "apn", "parameter": "iot.example-1.net", "command_id": "apn-1"}
+    reply = await api.call("POST", "/devices/K0000011/downlinks", json=body)
+    assert reply.status == 201, reply.body
+    assert (reply.body["command"], reply.body["parameter"]) == ("apn", "iot.example-1.net")
 
 
 async def test_unknown_device_or_downlink_is_404(api: ApiClient):

@@ -344,6 +344,7 @@ ACCEPTED = [
     ("vidi_transmitter", "alarm_transmission", 0, 0),
     ("vidi_transmitter", "alarm_transmission", "immediate", 1),
     ("vidi_transmitter", "apn", "iot.example.net", "iot.example.net"),
+    ("vidi_transmitter", "apn", " !~iot-1_a.B", " !~iot-1_a.B"),
     ("vidi_positioner", "set_position", 0, 0),
     ("vidi_positioner", "set_position", 100, 100),
     ("vidi_prv", "set_outlet_pressure", 3000, 3000),
@@ -394,6 +395,16 @@ REFUSED = [
     ("vidi_transmitter", "apn", "", "apn must be 1 to 63 characters long, got 0"),
     ("vidi_transmitter", "apn", "a" * 64, "apn must be 1 to 63 characters long, got 64"),
     ("vidi_transmitter", "apn", 5, "apn must be a text, got 5"),
+    ("vidi_transmitter", "apn", "iot\x00x",
+     "apn: character 4 (U+0000) is not allowed; apn accepts printable ASCII"),
+    ("vidi_transmitter", "apn", "\u202eten.elpmaxe",
+     "apn: character 1 (U+202E) is not allowed; apn accepts printable ASCII"),
+    ("vidi_transmitter", "apn", "iot.\x07",
+     "apn: character 5 (U+0007) is not allowed; apn accepts printable ASCII"),
+    ("vidi_transmitter", "apn", "iot\texample",
+     "apn: character 4 (U+0009) is not allowed; apn accepts printable ASCII"),
+    ("vidi_transmitter", "apn", "iot.exämple",
+     "apn: character 7 (U+00E4) is not allowed; apn accepts printable ASCII"),
     ("vidi_positioner", "set_position", 101, "set_position must be between 0 and 100 %, got 101"),
     (
         "vidi_prv",
@@ -456,6 +467,7 @@ def test_parameter_schemas() -> None:
         "type": "string",
         "minLength": 1,
         "maxLength": 63,
+        "pattern": "^[ -~]*$",
     }
     assert FAMILIES["vidi_prv"].commands["set_outlet_pressure"].parameter_schema()["step"] == 10
 
@@ -499,6 +511,24 @@ def _mutated(change) -> dict[str, Any]:
     doc = copy.deepcopy(BASE)
     change(doc)
     return doc
+
+
+def test_a_text_parameter_may_accept_printable_unicode(tmp_path: pathlib.Path) -> None:
+    doc = _mutated(lambda d: d["configurations"].update(
+        label={"code": 31, "description": "Label", "type": "str", "max_length": 8,
+               "charset": "printable"}
+    ))
+    label = load_family(_write(tmp_path, doc), "test_family").commands["label"]
+    assert label.validate_parameter("Küche 1") == "Küche 1"
+    assert "pattern" not in label.parameter_schema()
+    for value, position, code in (("a\u202eb", 2, "U+202E"), ("\u200bab", 1, "U+200B"),
+                                  ("ab\u2028", 3, "U+2028"), ("a\x00", 2, "U+0000")):
+        with pytest.raises(ParameterError) as caught:
+            label.validate_parameter(value)
+        assert str(caught.value) == (
+            f"label: character {position} ({code}) is not allowed; label accepts printable "
+            "characters (no control, format or line separator characters)"
+        )
 
 
 def test_minimal_custom_family_loads(tmp_path: pathlib.Path) -> None:
@@ -658,6 +688,28 @@ BAD_FAMILIES = [
         "str-without-max-length",
         lambda d: d["configurations"].update(apn={"code": 30, "description": "APN", "type": "str"}),
         "configurations.apn.max_length: required for type str",
+    ),
+    (
+        "str-unknown-charset",
+        lambda d: d["configurations"].update(
+            label={"code": 31, "description": "Label", "type": "str", "max_length": 8,
+                   "charset": "latin1"}
+        ),
+        "configurations.label.charset: 'latin1' is not one of: printable_ascii, printable",
+    ),
+    (
+        "charset-on-int",
+        lambda d: d["configurations"]["tx_interval"].update(charset="printable"),
+        "configurations.tx_interval.charset: not allowed for type int",
+    ),
+    (
+        "str-default-outside-charset",
+        lambda d: d["configurations"].update(
+            label={"code": 31, "description": "Label", "type": "str", "max_length": 8,
+                   "default": "caf\u00e9"}
+        ),
+        "configurations.label.default: label: character 4 (U+00E9) is not allowed; label "
+        "accepts printable ASCII",
     ),
     (
         "command-for-unknown-hw-type",

@@ -26,6 +26,7 @@ from driver_core.driver import Driver
 from driver_core.enrollment import DeviceInput, add_device
 from driver_core.integration_base import form_field
 from driver_core.storage.models import Device, Downlink, IntegrationSettings, User
+from driver_core.tokens import create_token
 from driver_core.web import forms, middleware, users_cli
 from driver_core.web.passwords import hash_password, verify_password
 from driver_core.web.session import Session, SessionCodec
@@ -520,6 +521,8 @@ async def test_delete_needs_the_serial_typed(client: WebClient, panel: Panel) ->
         ({"command": "tx_interval", "parameter": "7.5"}, "parameter", "tx_interval must be an integer, got '7.5'"),
         ({"command": "alarm_transmission", "parameter": "4"}, "parameter",
          "alarm_transmission must be one of 0 (next_interval), 1 (immediate), got '4'"),
+        ({"command": "apn", "parameter": "iot\u202e.net"}, "parameter",
+         "apn: character 4 (U+202E) is not allowed; apn accepts printable ASCII"),
         ({"command": "open_valve", "parameter": "1"}, "command",
          "unknown command 'open_valve' for hw_type 17; allowed: alarm_transmission, apn, clear_alarms, "
          "firmware_check, pressure_alarm_high, pressure_alarm_low, reboot, sampling_interval, tx_interval"),
@@ -535,11 +538,34 @@ async def test_schedule_bad_input_is_shown_next_to_the_field(
     assert await count(panel.driver, Downlink) == 0
 
 
+async def test_an_odd_stored_parameter_is_shown_escaped(client: WebClient, panel: Panel) -> None:
+    """A value queued by an older release, before text parameters had a charset."""
+    odd = "iot\x00\u202eten.\x07x\ty\u200b\U000e0001"
+    async with panel.driver.db.session() as session, session.begin():
+        query = select(Device.id).where(Device.serial == "A0000001")
+        device_id = (await session.execute(query)).scalar_one()
+        now = datetime.now(UTC)
+        session.add(Downlink(
+            command_id="old-apn", device_id=device_id, command="apn", code=30, parameter=odd,
+            state=3, result=0, inserted_at=now, acknowledged_at=now, updated_at=now,
+        ))
+    page = await client.get("/devices/A0000001/commands")
+    assert page.status == 200
+    assert '<code>iot\\u0000\\u202eten.\\u0007x\\u0009y\\u200b\\U000e0001</code>' in page.text
+    for char in "\x00\u202e\x07\t\u200b\U000e0001":
+        assert char not in page.text.split("<tbody", 1)[1], repr(char)
+    token = await create_token(panel.driver.db, "odd")
+    api = await client.http.get(panel.base + "/api/v1/downlinks/old-apn",
+                                headers={"Authorization": f"Bearer {token}"})
+    assert (await api.json())["parameter"] == odd  # JSON escapes it itself
+
+
 async def test_commands_tab_lists_the_family_commands_with_their_ranges(client: WebClient) -> None:
     page = await client.get("/devices/A0000001/commands")
     assert ">reboot — command: parameter 1</option>" in page.text
     assert ">tx_interval — 5 to 1440 min</option>" in page.text
     assert ">alarm_transmission — one of 0 (next_interval), 1 (immediate)</option>" in page.text
+    assert ">apn — text, 1 to 63 characters, printable ASCII</option>" in page.text
     assert 'id="f-parameter" name="parameter" value="1"' in page.text
     assert "<button type=\"submit\" class=\"primary\">Schedule command</button>" in page.text
 

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from driver_core.downlinks import PENDING, STATE_NAMES, DownlinkError, DownlinkView
 from driver_core.enrollment import delete_device
-from driver_core.family import CommandSpec
+from driver_core.family import CHARSETS, CommandSpec
 from driver_core.storage.models import Device
 from driver_core.uplink import Uplink
 
@@ -126,7 +126,7 @@ def accepts(spec: CommandSpec) -> str:
     unit = f" {spec.unit}" if spec.unit else ""
     if spec.type == "str":
         high = spec.max_length if spec.max_length is not None else "any"
-        return f"text, {spec.min_length or 0} to {high} characters"
+        return f"text, {spec.min_length or 0} to {high} characters, {CHARSETS[spec.charset][0]}"
     if spec.options:
         return "one of " + ", ".join(f"{code} ({label})" for code, label in spec.options.items())
     step = f", step {spec.step}" if spec.step != 1 else ""

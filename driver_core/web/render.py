@@ -10,6 +10,8 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
+from driver_core.textfmt import visible
+
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
@@ -31,7 +33,7 @@ def value_text(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, str):
-        return value
+        return visible(value)
     if isinstance(value, dict):
         return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
     return str(value)
@@ -53,6 +55,7 @@ def make_environment() -> jinja2.Environment:
     env.filters["iso"] = iso
     env.filters["value_text"] = value_text
     env.filters["compact_json"] = compact_json
+    env.filters["visible"] = visible
     return env
 
 
