@@ -520,8 +520,9 @@ async def pg_admin(postgres_url: str) -> AsyncIterator[PgAdmin]:
 async def test_database_connection_lost_and_restored(
     tmp_path: Path, postgres_url: str, pg_admin: PgAdmin, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The driver's PostgreSQL connections are terminated and refused for 3 s while 10 devices
-    send 10 uplinks/s each and publish through the machine's Mosquitto."""
+    """The driver's PostgreSQL connections are terminated and refused (until 100 uplinks were
+    answered 5.03, about a second) while 10 devices send 10 uplinks/s each and publish through
+    the machine's Mosquitto."""
     caplog.set_level(logging.INFO)
     prefix = f"coap-driver-faults/{uuid.uuid4().hex}"
     config_dir = tmp_path / "config"
@@ -539,7 +540,9 @@ async def test_database_connection_lost_and_restored(
 
             killed = await pg_admin.cut()
             cut = time.monotonic()
-            await asyncio.sleep(3.0)  # the devices keep sending, and retrying
+            await fleet.wait(  # the devices keep sending, and retrying
+                lambda: fleet.count(Code.SERVICE_UNAVAILABLE, since=cut) >= 100, 30, "100 answers 5.03"
+            )
             refusing = driver.db.health.as_json()
             await pg_admin.reconnect()
             restored = time.monotonic()
@@ -978,7 +981,9 @@ async def test_storage_refusing_writes_is_reported_and_answered_503(
         await fleet.wait(
             lambda: fleet.count(Code.SERVICE_UNAVAILABLE, since=injected) >= 50, 20, "50 answers 5.03"
         )
-        await asyncio.sleep(1.0)  # the devices keep trying
+        await fleet.wait(  # the devices keep trying
+            lambda: len(fleet.between(injected, float("inf"))) >= 100, 20, "100 uplinks in the fault"
+        )
         failing = await operator.storage_seen()
         await storage_fault.remove(driver)
         removed = time.monotonic()
