@@ -802,23 +802,25 @@ async def run_callback_phases(
 ) -> CallbackPhases:
     """50 devices send one uplink per second; each answer carries a downlink whose state
     changes are POSTed to a callback endpoint: first a healthy one ("healthy" phase), then
-    one that hangs, answers in 2 s, or fails ("bad" phase). A phase lasts until every device
-    had `uplinks_per_phase` uplinks answered 2.04 in it (and, in the bad phase, until every
-    bad endpoint was requested once per device sent to it). Used by bench/fault_bench.py."""
+    one that hangs, answers in 2 s, or fails ("bad" phase). A phase begins when its downlinks
+    are being queued and lasts until every device had `uplinks_per_phase` (at least 4) uplinks
+    answered 2.04 after they were; then the run waits until every bad endpoint was requested
+    once per device sent to it. Used by bench/fault_bench.py."""
     write_config(config_dir, extra=CALLBACKS_CONFIG)
     async with started_driver(config_dir) as driver:
         fleet = Fleet(await enroll_fleet(driver, CALLBACK_DEVICES, "C"))
         scheduled: dict[str, list[int]] = {serial: [] for serial in fleet.sessions}
 
         async def phase(kind_of: Callable[[int], str]) -> tuple[float, float]:
+            began = time.monotonic()  # the first downlinks go out while the rest are queued
             for index, serial in enumerate(fleet.sessions):
                 for _ in range(DOWNLINKS_PER_PHASE):
                     view, _ = await driver.downlinks.schedule(
                         serial, "clear_alarms", callback_url=endpoints.url(kind_of(index))
                     )
                     scheduled[serial].append(wire_id(view.downlink_id))
-            began = time.monotonic()
-            await fleet.wait_all_acknowledged_after(began, uplinks_per_phase, within)
+            # Each device's next four answers carry its four downlinks (one each).
+            await fleet.wait_all_acknowledged_after(time.monotonic(), uplinks_per_phase, within)
             return began, time.monotonic()
 
         fleet.start(interval=1.0)
