@@ -23,6 +23,7 @@ run: install
 lint: install
 	$(VENV)/bin/ruff check .
 
-## The whole test suite, as CI runs it.
+## The whole test suite, as CI runs it. Uses Mosquitto on 127.0.0.1:1883 and PostgreSQL on
+## 127.0.0.1:5432, or starts private ones for the run (scripts/test_services.py).
 test: install lint
-	$(VENV)/bin/pytest -p no:cacheprovider
+	$(VENV)/bin/python scripts/test_services.py $(VENV)/bin/pytest -p no:cacheprovider

@@ -33,8 +33,11 @@ class BatchLoader(Generic[K, V]):
         max_batch: int = 500,
         linger: float = 0.002,
         busy_window: float = 0.05,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """`sleep` is how the loader lingers (a test passes one it can watch and end)."""
         self._load_many = load_many
+        self._sleep = sleep
         self._max_batch = max_batch
         self._linger = linger
         self._busy_window = busy_window
@@ -58,7 +61,7 @@ class BatchLoader(Generic[K, V]):
         while self._waiting:
             busy = time.monotonic() - self._last_end < self._busy_window
             if busy and self._linger > 0 and len(self._waiting) < self._max_batch:
-                await asyncio.sleep(self._linger)
+                await self._sleep(self._linger)
             keys = list(self._waiting)[: self._max_batch]
             futures = {key: self._waiting.pop(key) for key in keys}
             self.batches += 1

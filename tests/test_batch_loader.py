@@ -33,8 +33,7 @@ async def test_concurrent_loads_share_one_batch_and_missing_keys_are_none():
     table = Table({"a": 1, "b": 2})
     loader = BatchLoader(table.load_many)
     waiting = [asyncio.create_task(loader.load(key)) for key in ("a", "b", "a", "zz")]
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await table.reading.wait()
     table.release.set()
     assert await asyncio.gather(*waiting) == [1, 2, 1, None]
     assert table.batches == [["a", "b", "zz"]]
@@ -48,7 +47,8 @@ async def test_a_key_asked_for_during_a_read_waits_for_the_next_batch():
     await table.reading.wait()
     table.rows["a"] = 5  # changed after the first read began
     second = asyncio.create_task(loader.load("a"))
-    await asyncio.sleep(0)
+    # Tasks run in the order they were woken: the second load asks for "a" before the read
+    # of the first batch (woken by the release below) goes on.
     table.release.set()
     assert await first == 1
     assert await second == 5
@@ -71,20 +71,38 @@ async def test_a_cancelled_waiter_does_not_cancel_the_others():
     loader = BatchLoader(table.load_many)
     impatient = asyncio.create_task(loader.load("a"))
     patient = asyncio.create_task(loader.load("a"))
-    await asyncio.sleep(0)
+    await table.reading.wait()  # both are waiting for the batch now
     impatient.cancel()
     table.release.set()
     assert await patient == 1
     assert impatient.cancelled()
 
 
+class Linger:
+    """Stands in for the loader's linger sleep: records it, ends when the test says so."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+        self.lingering = asyncio.Event()
+        self.end = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        self.lingering.set()
+        await self.end.wait()
+
+
 async def test_misses_in_a_busy_period_linger_to_gather_a_batch():
     table = Table({f"k{i}": i for i in range(10)})
     table.release.set()
-    loader = BatchLoader(table.load_many, linger=0.05, busy_window=10)
-    assert await loader.load("k0") == 0  # isolated: read at once
+    linger = Linger()
+    loader = BatchLoader(table.load_many, linger=0.05, busy_window=10, sleep=linger)
+    assert await loader.load("k0") == 0
+    assert linger.asked == []  # isolated: read at once
     first = asyncio.create_task(loader.load("k1"))
-    await asyncio.sleep(0.01)  # lingering: the next misses join the same batch
+    await linger.lingering.wait()  # the next misses join the same batch
     rest = [asyncio.create_task(loader.load(f"k{i}")) for i in range(2, 6)]
+    linger.end.set()  # wakes the loader after the misses above have asked
     assert await asyncio.gather(first, *rest) == [1, 2, 3, 4, 5]
     assert table.batches == [["k0"], ["k1", "k2", "k3", "k4", "k5"]]
+    assert linger.asked == [0.05]

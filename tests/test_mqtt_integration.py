@@ -372,8 +372,37 @@ async def test_tls_without_ca_file_reports_untrusted_certificate(
 async def test_tls_insecure_skips_verification(
     core: Core, setup: Setup, tls_broker: Mosquitto
 ) -> None:
-    mqtt = await setup(core, broker="external", url=tls_broker.url, tls_insecure=True)
-    await mqtt.async_wait_status(connected)
+    """With verification off an uplink goes through the untrusted certificate; with it on,
+    the same certificate is refused and the next uplink waits in the outbox."""
+    assert tls_broker.tls is not None
+    collector = await Collector(tls_broker.port, "insecure/#", tls=tls_broker.tls).start()
+    try:
+        mqtt = await setup(
+            core, broker="external", url=tls_broker.url, uplink_topic="insecure/{{serial}}",
+            tls_insecure=True,
+        )
+        await mqtt.async_wait_status(connected)
+        _, payload = await core.commit_uplink("J0000003", {"insecure": True})
+        got = await collector.wait_for(1)
+        assert [(m.topic, m.payload) for m in got] == [("insecure/J0000003", payload)]
+        await mqtt.async_wait_status(drained)
+        await mqtt.async_unload()
+
+        verified = await setup(
+            core, broker="external", url=tls_broker.url, uplink_topic="insecure/{{serial}}",
+        )
+        status = await verified.async_wait_status(lambda s: s["last_error"] is not None)
+        assert (status["connected"], status["last_error"]) == (False, (
+            f"TLS certificate of mqtts://127.0.0.1:{tls_broker.port} not trusted "
+            "(self-signed certificate in certificate chain); "
+            "set mqtt.tls_ca_file to the CA that signed it"
+        ))
+        await core.commit_uplink("J0000004", {"kept": True})
+        assert await outbox_count(core.db) == 1
+        await collector.sync()
+        assert len(collector.messages) == 1  # nothing went through the refused connection
+    finally:
+        await collector.stop()
 
 
 async def test_refused_connection_status(core: Core, setup: Setup) -> None:

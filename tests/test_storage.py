@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -162,6 +164,31 @@ async def test_sqlite_file_cannot_be_created(tmp_path: Path) -> None:
     (tmp_path / "adir").mkdir()
     url = f"sqlite+aiosqlite:///{tmp_path}/adir"
     assert await _open_error(url) == f"cannot open database {url}: unable to open database file"
+
+
+def _aiosqlite_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.endswith("(_connection_worker_thread)")}
+
+
+def test_a_failed_sqlite_open_leaves_no_thread_to_outlive_the_loop(tmp_path: Path) -> None:
+    """The CLI closes its event loop right after the one-line error; a connection thread still
+    finishing then dies with "Event loop is closed" and prints a traceback. Each attempt here
+    closes its loop as soon as start() has failed."""
+    (tmp_path / "adir").mkdir()
+    url = f"sqlite+aiosqlite:///{tmp_path}/adir"
+    died: list[str] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: died.append(repr(args.exc_value))
+    try:
+        for _ in range(20):
+            before = _aiosqlite_threads()
+            with pytest.raises(DatabaseError, match="unable to open database file$"):
+                asyncio.run(Database(url).start())
+            for thread in _aiosqlite_threads() - before:
+                thread.join(timeout=10)
+    finally:
+        threading.excepthook = previous
+    assert died == []
 
 
 async def test_sqlite_file_is_not_a_database(tmp_path: Path) -> None:

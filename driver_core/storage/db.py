@@ -13,8 +13,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from threading import Thread
 from typing import Any, TypeVar
 
+import aiosqlite
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -151,6 +153,30 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _sqlite_connect_via_joining_creator(
+    _dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]
+) -> None:
+    """Open SQLite connections through `_connect_aiosqlite` (SQLAlchemy's creator hook)."""
+    cparams["async_creator_fn"] = _connect_aiosqlite
+
+
+async def _connect_aiosqlite(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
+    """`aiosqlite.connect`, which on failure returns only once the connection's thread has ended.
+
+    aiosqlite queues the stop of a connection that failed to open without waiting for it: when
+    the event loop closes first (the CLI exits right after the one-line error), the thread dies
+    with "Event loop is closed" and prints a traceback.
+    """
+    connection = aiosqlite.connect(*args, **kwargs)
+    thread: Thread = connection if isinstance(connection, Thread) else connection._thread
+    thread.daemon = True  # as SQLAlchemy sets it: a pooled connection never blocks the exit
+    try:
+        return await connection
+    except BaseException:
+        await asyncio.to_thread(thread.join)
+        raise
+
+
 def _read_only_is_a_disconnect(context: Any) -> None:
     """A write refused because the *session* is read-only: drop the pooled connections.
 
@@ -223,6 +249,7 @@ class Database:
         # in SQLAlchemy's log lines or error messages.
         engine = create_async_engine(url, hide_parameters=True, **kwargs)
         if engine.dialect.name == "sqlite":
+            event.listen(engine.sync_engine, "do_connect", _sqlite_connect_via_joining_creator)
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         else:
             event.listen(engine.sync_engine, "handle_error", _read_only_is_a_disconnect)
