@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from .runtime import StopSignals
 from .security import DeviceCredentials
 from .storage.db import Database
 from .storage.secretbox import SecretBox
+from .tasks import cancel_and_wait
 from .web import setup_web
 from .writer import UplinkWriter
 
@@ -241,14 +243,18 @@ class Driver:
             ]
             await asyncio.gather(*drains)
 
-    async def run_forever(self) -> None:
-        """Serve until SIGTERM or SIGINT, then stop cleanly; a second signal skips the draining."""
+    async def run_forever(self, alongside: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then stop cleanly; a second signal skips the draining.
+
+        `alongside()` (the demo's devices and subscriber) runs once the driver is started and is
+        cancelled at the signal; if it fails, the driver stops and its error is raised.
+        """
         signals = StopSignals()
         signals.install()  # a signal during the start stops the driver right after it
         try:
             await self.start()
             try:
-                await signals.requested.wait()
+                await self._serve_until(signals.requested, alongside)
                 draining = asyncio.create_task(self.drain(), name="driver-drain")
                 signals.on_again = draining.cancel
                 await asyncio.wait([draining])  # cancelled by a second signal: no exception here
@@ -259,3 +265,18 @@ class Driver:
         finally:
             signals.remove()
         _LOGGER.info("coap-driver stopped cleanly")
+
+    @staticmethod
+    async def _serve_until(
+        requested: asyncio.Event, alongside: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        waiting = asyncio.ensure_future(requested.wait())
+        side = asyncio.ensure_future(alongside()) if alongside is not None else None
+        try:
+            tasks = [task for task in (waiting, side) if task is not None]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if side is not None and side.done():
+                side.result()  # it ended or failed before any signal: its error is the command's
+        finally:
+            await cancel_and_wait(waiting)
+            await cancel_and_wait(side)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -19,9 +21,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiomqtt
 import pytest
 from aiocoap.numbers.codes import Code
 
+from driver_core.cli import DEMO_CSV
 from driver_core.enrollment import add_device
 from driver_core.storage.db import Database
 from driver_core.storage.secretbox import SecretBox
@@ -256,3 +260,78 @@ async def test_taken_mqtt_port_is_one_line_and_closes_everything(tmp_path: Path,
         "the external broker"
     ]
     assert driver.stderr_lines[-1] == errors[0]  # nothing logged after the error line
+
+
+# ---- item 14: the demo's broker port and the commands it prints -------------------------------
+
+
+def port_taken(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def run_printed(line: str, *extra: str) -> asyncio.subprocess.Process:
+    """The command after the demo's label, exactly as printed (plus `extra` options)."""
+    argv = shlex.split(line.split(":  ", 1)[1].strip())
+    return await asyncio.create_subprocess_exec(
+        *argv, *extra, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+
+@pytest.mark.timeout(120)
+async def test_demo_moves_to_1884_when_1883_is_taken_and_its_commands_work(tmp_path: Path) -> None:
+    """The machine's Mosquitto holds 1883 here: the demo's broker takes 1884, and the
+    `mosquitto_sub` / `mosquitto_pub` lines it prints work as printed."""
+    assert port_taken(1883), "this test needs the machine's Mosquitto on 127.0.0.1:1883"
+    config_dir = tmp_path / "config"
+    write_config(config_dir)
+    async with driver_command("--config", str(config_dir), "demo", "--time-scale", "600") as demo:
+        await demo.wait_for_line("web panel on", stdout=True)
+        serials = [row.split(",")[0] for row in (config_dir / DEMO_CSV).read_text().splitlines()[1:]]
+        assert serials == ["D0000001", "D0000002", "D0000003"]
+        assert demo.stdout_lines[:4] == [
+            "demo: port 1883 is taken (another MQTT broker?); the built-in broker uses 1884",
+            "demo: devices D0000001, D0000002, D0000003; built-in MQTT broker on 127.0.0.1:1884",
+            "demo: watch the uplinks:  mosquitto_sub -h 127.0.0.1 -p 1884 "
+            "-t 'application/COAP/device/+/uplink' -v",
+            "demo: send a command:     mosquitto_pub -h 127.0.0.1 -p 1884 "
+            "-t 'application/COAP/device/D0000001/downlink' -m '{\"command\": \"reboot\", \"parameter\": 1}'",
+        ]
+        uplink = await run_printed(demo.stdout_lines[2], "-C", "1", "-W", "30")
+        out, err = await uplink.communicate()
+        assert uplink.returncode == 0, err
+        topic, document = out.decode().split(" ", 1)
+        assert topic in {f"application/COAP/device/{serial}/uplink" for serial in serials}
+        assert json.loads(document)["serial"] in serials
+
+        await demo.wait_for_line("Receiving downlink commands on")  # the driver subscribed
+        async with aiomqtt.Client("127.0.0.1", 1884) as watcher:
+            await watcher.subscribe("application/COAP/device/D0000001/downlink/status", qos=1)
+            command = await run_printed(demo.stdout_lines[3])
+            assert (await command.wait()) == 0
+            async with asyncio.timeout(30):
+                status = await anext(aiter(watcher.messages))
+        assert json.loads(status.payload)["status"] == 0  # queued for D0000001: pending
+
+        assert demo.process is not None
+        demo.process.send_signal(signal.SIGINT)
+        assert await demo.wait(within=20) == 0, demo.log
+    assert demo.log.splitlines()[-1].endswith(STOPPED)
+
+
+async def test_demo_with_1883_and_1884_taken_says_so(tmp_path: Path, taken_tcp_port: int) -> None:
+    assert port_taken(1883), "this test needs the machine's Mosquitto on 127.0.0.1:1883"
+    config_dir = tmp_path / "config"
+    write_config(config_dir)
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past earlier TIME_WAITs
+        blocker.bind(("127.0.0.1", 1884))
+        blocker.listen()
+        async with driver_command("--config", str(config_dir), "demo") as demo:
+            code = await demo.wait(within=30)
+    assert code == 2
+    assert demo.stderr_lines[-1] == (
+        "coap-driver: demo: the built-in MQTT broker needs TCP port 1883 or 1884 on 127.0.0.1, "
+        "and both are taken (other MQTT brokers?); stop one, or set mqtt.builtin_port"
+    )
+    assert "Traceback" not in demo.log
