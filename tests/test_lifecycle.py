@@ -26,10 +26,12 @@ import pytest
 from aiocoap.numbers.codes import Code
 
 from driver_core.cli import DEMO_CSV
+from driver_core.config import DRAIN_SECONDS
 from driver_core.enrollment import add_device
 from driver_core.storage.db import Database
 from driver_core.storage.secretbox import SecretBox
 from tests.conftest import write_config
+from tests.test_deployment import compose, exec_form, instruction
 from tests.test_faults import (
     Fleet,
     KeepingBroker,
@@ -335,3 +337,15 @@ async def test_demo_with_1883_and_1884_taken_says_so(tmp_path: Path, taken_tcp_p
         "and both are taken (other MQTT brokers?); stop one, or set mqtt.builtin_port"
     )
     assert "Traceback" not in demo.log
+
+
+# ---- the container: docker stop sends SIGTERM to the driver itself --------------------------------
+
+
+def test_container_stop_reaches_the_driver_within_its_grace_period() -> None:
+    """Exec-form ENTRYPOINT (the driver is PID 1, no shell swallowing the signal), SIGTERM as
+    the stop signal, and a grace period longer than the drain plus the rest of the stop."""
+    assert exec_form(instruction("ENTRYPOINT")[0])[0] == "coap-driver"
+    assert instruction("STOPSIGNAL") == ["SIGTERM"]
+    grace = compose()["services"]["driver"]["stop_grace_period"]
+    assert grace == "20s" and int(grace[:-1]) > DRAIN_SECONDS + EXIT_WITHIN_S
