@@ -182,9 +182,11 @@ class CoapListener(asyncio.DatagramProtocol):
         if self.transport is not None:
             self.transport.set_protocol(asyncio.DatagramProtocol())
         pending: set[asyncio.Task[None]] = set()
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=within)
-        await self.close()
+        try:
+            if self._tasks:
+                _, pending = await asyncio.wait(list(self._tasks), timeout=within)
+        finally:  # also when a second signal cancels the wait
+            await self.close()
         return len(pending)
 
 

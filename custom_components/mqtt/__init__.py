@@ -10,6 +10,7 @@ command to the downlink queue; a refused one is reported on the status topic.
 Interface used by the driver core:
     integration = await async_setup(driver, settings)
     await integration.async_reload(settings)
+    await integration.async_drain(within)  # a clean stop: publish the outbox first
     await integration.async_unload()
     integration.status -> {"connected", "broker", "outbox", "published", "last_error"}
     integration.downlink_status -> {"subscribed", "subscription_error", "status_waiting",
