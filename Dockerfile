@@ -35,4 +35,8 @@ VOLUME ["/config"]
 EXPOSE 5683/udp 8080/tcp
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/opt/coap-driver/deploy/healthcheck.py"]
+# Exec form: the driver is PID 1 and gets `docker stop`'s SIGTERM itself (a shell form would
+# swallow it). It then stops cleanly within shutdown.drain_seconds + a few seconds
+# (docs/operations.md, "Stopping"); compose.yaml gives it 20 s before SIGKILL.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["coap-driver", "--config", "/config", "run"]

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import sys
 from pathlib import Path
@@ -39,6 +40,7 @@ from .integrations import SettingsError
 from .simulator import Simulator, demo_devices
 from .storage.db import DatabaseError
 from .storage.secretbox import SecretBoxError
+from .tasks import cancel_and_wait
 from .tokens import TokenError, create_token, list_tokens, revoke_token
 from .web.users import UserError
 from .web.users_cli import create_user, delete_user, list_users
@@ -59,6 +61,7 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (
 )
 DEMO_CSV = "demo-devices.csv"
 DEMO_HW_TYPES = [17, 24, 28]  # one device of each family
+DEMO_FALLBACK_PORT = 1884  # the demo broker's port when 1883 is taken (by Mosquitto, say)
 
 
 def _setup_logging(level: str = "INFO") -> None:
@@ -314,12 +317,43 @@ async def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on `port` (as servers do, despite old connections' TIME_WAIT)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
             return False
     return True
+
+
+def demo_broker_port(host: str, port: int) -> int:
+    """The built-in broker's port for the demo: `port` (1883), else DEMO_FALLBACK_PORT, always the
+    same, so that the printed `mosquitto_sub` line and the README's stay right."""
+    for candidate in dict.fromkeys((port, DEMO_FALLBACK_PORT)):
+        if _port_free(host, candidate):
+            return candidate
+    raise StartupError(
+        f"demo: the built-in MQTT broker needs TCP port {port} or {DEMO_FALLBACK_PORT} on {host}, "
+        "and both are taken (other MQTT brokers?); stop one, or set mqtt.builtin_port"
+    )
+
+
+def uplink_filter(settings: dict[str, Any]) -> str:
+    """The MQTT filter matching every device's uplink topic (each {{placeholder}} a `+`)."""
+    return re.sub(r"\{\{\s*\w+\s*\}\}", "+", settings["uplink_topic"])
+
+
+def demo_instructions(host: str, port: int, settings: dict[str, Any], serials: list[str]) -> list[str]:
+    """The exact commands to watch the demo's uplinks and send a command to one of its devices."""
+    uplinks = uplink_filter(settings)
+    command = re.sub(r"\{\{\s*serial\s*\}\}", serials[0], settings["downlink_command_topic"])
+    return [
+        f"demo: devices {', '.join(serials)}; built-in MQTT broker on {host}:{port}",
+        f"demo: watch the uplinks:  mosquitto_sub -h {host} -p {port} -t '{uplinks}' -v",
+        f"demo: send a command:     mosquitto_pub -h {host} -p {port} -t '{command}' "
+        """-m '{"command": "reboot", "parameter": 1}'""",
+    ]
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -331,27 +365,29 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     _apply_log_levels(driver)
     mqtt = config.integrations.setdefault("mqtt", {})
     host, port = mqtt.get("builtin_host", "127.0.0.1"), mqtt.get("builtin_port", 1883)
-    if mqtt.get("broker", "builtin") == "builtin" and not _port_free(host, port):
-        with socket.socket() as sock:
-            sock.bind((host, 0))
-            free = sock.getsockname()[1]
-        print(f"demo: port {port} is taken (another MQTT broker?); the built-in broker uses {free}")
-        mqtt["builtin_port"] = port = free
+    if mqtt.get("broker", "builtin") == "builtin":
+        chosen = demo_broker_port(host, port)
+        if chosen != port:
+            print(f"demo: port {port} is taken (another MQTT broker?); the built-in broker uses {chosen}")
+        mqtt["builtin_port"] = port = chosen
     csv_path = driver.config_dir / DEMO_CSV
-    await driver.start()
-    try:
+
+    async def devices_and_subscriber() -> None:
         if not csv_path.exists():
             devices = demo_devices(3, [h for h in DEMO_HW_TYPES if h in driver.families])
             for device in devices:
                 await add_device(driver.db, driver.box, device)
             csv_path.write_text(write_devices_csv(devices), encoding="utf-8")
         devices = read_devices_csv(csv_path.read_text(encoding="utf-8"), driver.families.keys())
-        topic_filter = "application/COAP/device/+/uplink"
-        print(f"demo: {len(devices)} simulated devices; showing MQTT {topic_filter} on {host}:{port}")
+        assert driver.integrations is not None and driver.config is not None
+        settings = driver.integrations.running["mqtt"].settings
+        for line in demo_instructions(host, port, settings, [d.serial for d in devices]):
+            print(line)
         http = driver.config.http
         print(
             f"demo: web panel on http://{http['host']}:{driver.api.port}/ "
-            "(the first visit creates the admin user)"
+            "(the first visit creates the admin user); Ctrl-C stops the demo",
+            flush=True,
         )
         simulator = Simulator(
             devices, driver.families, "127.0.0.1", driver.coap_port,
@@ -359,15 +395,15 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             on_event=lambda serial, text: None,
         )
         async with aiomqtt.Client(host, port) as client:
-            await client.subscribe(topic_filter, qos=1)
+            await client.subscribe(uplink_filter(settings), qos=1)
             sim = asyncio.create_task(simulator.run())
             try:
                 async for message in client.messages:
                     print(f"{message.topic}  {message.payload.decode()}", flush=True)
             finally:
-                sim.cancel()
-    finally:
-        await driver.stop()
+                await cancel_and_wait(sim)
+
+    await driver.run_forever(alongside=devices_and_subscriber)
     return 0
 
 

@@ -172,6 +172,23 @@ class CoapListener(asyncio.DatagramProtocol):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def drain(self, within: float) -> int:
+        """The clean stop: take no more datagrams, let the requests being handled commit and
+        send their answers (up to `within` s), then close. Returns how many were cut short.
+
+        The socket stays open for the answers; a protocol that ignores datagrams takes this
+        listener's place (uvloop's UDP transport has no pause_reading).
+        """
+        if self.transport is not None:
+            self.transport.set_protocol(asyncio.DatagramProtocol())
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            if self._tasks:
+                _, pending = await asyncio.wait(list(self._tasks), timeout=within)
+        finally:  # also when a second signal cancels the wait
+            await self.close()
+        return len(pending)
+
 
 async def start_listener(site: Any, refusals: Refusals, host: str, port: int) -> CoapListener:
     """Bind UDP `host`:`port`; '::' serves IPv6 and IPv4 (as IPv4-mapped addresses)."""

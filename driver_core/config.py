@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,9 @@ class ConfigError(Exception):
         super().__init__(format_location(self.file, line, *parts))
 
 
+DRAIN_SECONDS = 5  # default of shutdown.drain_seconds
+
+
 @dataclass
 class CoreConfig:
     """The validated configuration; every section is filled with its defaults."""
@@ -66,6 +69,7 @@ class CoreConfig:
     fota: dict[str, Any]
     cluster: dict[str, Any]
     integrations: dict[str, dict[str, Any]]
+    shutdown: dict[str, Any] = field(default_factory=lambda: {"drain_seconds": DRAIN_SECONDS})
 
     @property
     def config_file(self) -> Path:
@@ -242,6 +246,12 @@ def core_schemas(config_dir: Path) -> dict[str, vol.Schema]:
                     }
                 ),
             )
+        ),
+        "shutdown": _section(
+            {
+                # On SIGTERM/SIGINT: how long the integrations may still publish their outboxes.
+                vol.Optional("drain_seconds", default=DRAIN_SECONDS): _int_range(0, 300),
+            }
         ),
         "downlinks": _section(
             {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,16 @@ from .ops_http import ops_middleware
 from .rate_limit import CoapGate, TokenBuckets
 from .refusals import Refusals
 from .runstate import RunLock, join_token_key
+from .runtime import StopSignals
 from .security import DeviceCredentials
 from .storage.db import Database
 from .storage.secretbox import SecretBox
+from .tasks import cancel_and_wait
 from .web import setup_web
 from .writer import UplinkWriter
 
 _LOGGER = logging.getLogger(__name__)
+REQUESTS_DRAIN_S = 3.0  # a request takes milliseconds: one still running then waits on a stuck database
 
 
 class StartupError(Exception):
@@ -101,6 +105,14 @@ class Driver:
         return self.config
 
     async def start(self) -> None:
+        """Open everything; a failure closes what was opened before it is raised."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         config = self.config or self.load()
         self.box = SecretBox.load_or_create(self.config_dir)
         self._run_lock = RunLock(self.config_dir)  # `coap-driver restore` waits for no driver
@@ -152,7 +164,6 @@ class Driver:
         try:
             await self.api.start(config.http["host"], config.http["port"])
         except OSError as exc:
-            await self.stop()
             raise StartupError(
                 f"http.port: cannot listen on TCP {config.http['host']} port {config.http['port']}: "
                 f"{exc.strerror or exc}"
@@ -164,7 +175,6 @@ class Driver:
                 config.coap["port"],
             )
         except OSError as exc:
-            await self.stop()
             raise StartupError(
                 f"coap.port: cannot listen on UDP {config.coap['host']} port {config.coap['port']}: "
                 f"{exc.strerror or exc}"
@@ -209,9 +219,64 @@ class Driver:
             self._run_lock.release()
             self._run_lock = None
 
-    async def run_forever(self) -> None:
-        await self.start()
+    async def drain(self) -> None:
+        """The clean part of a stop: no new datagrams, answer the requests being handled,
+        let the integrations publish their outboxes (`shutdown.drain_seconds`).
+
+        `stop()` follows; whatever is not published by then stays in the outbox tables
+        and goes out after the next start.
+        """
+        assert self.config is not None
+        if self.coap_listener is not None:
+            listener, self.coap_listener = self.coap_listener, None
+            cut = await listener.drain(REQUESTS_DRAIN_S)
+            if cut:
+                _LOGGER.warning(
+                    "Stopping: %d request(s) were still being handled after %s s", cut, REQUESTS_DRAIN_S
+                )
+        if self.integrations is not None:
+            within = self.config.shutdown["drain_seconds"]
+            drains = [
+                handle.async_drain(within)
+                for handle in self.integrations.running.values()
+                if hasattr(handle, "async_drain")
+            ]
+            await asyncio.gather(*drains)
+
+    async def run_forever(self, alongside: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then stop cleanly; a second signal skips the draining.
+
+        `alongside()` (the demo's devices and subscriber) runs once the driver is started and is
+        cancelled at the signal; if it fails, the driver stops and its error is raised.
+        """
+        signals = StopSignals()
+        signals.install()  # a signal during the start stops the driver right after it
         try:
-            await asyncio.Event().wait()
+            await self.start()
+            try:
+                await self._serve_until(signals.requested, alongside)
+                draining = asyncio.create_task(self.drain(), name="driver-drain")
+                signals.on_again = draining.cancel
+                await asyncio.wait([draining])  # cancelled by a second signal: no exception here
+                if not draining.cancelled():
+                    draining.result()
+            finally:
+                await self.stop()
         finally:
-            await self.stop()
+            signals.remove()
+        _LOGGER.info("coap-driver stopped cleanly")
+
+    @staticmethod
+    async def _serve_until(
+        requested: asyncio.Event, alongside: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        waiting = asyncio.ensure_future(requested.wait())
+        side = asyncio.ensure_future(alongside()) if alongside is not None else None
+        try:
+            tasks = [task for task in (waiting, side) if task is not None]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if side is not None and side.done():
+                side.result()  # it ended or failed before any signal: its error is the command's
+        finally:
+            await cancel_and_wait(waiting)
+            await cancel_and_wait(side)

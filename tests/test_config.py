@@ -367,7 +367,7 @@ BAD_INPUT = [
     pytest.param(
         "coap:\n  port: 5683\nmqqt:\n  qos: 1\n",
         "3: mqqt: unknown section (valid sections: callbacks, cluster, coap, database, devices, downlinks, "
-        "fota, http, logger, mqtt, retention)",
+        "fota, http, logger, mqtt, retention, shutdown)",
         id="unknown-section",
     ),
     pytest.param("coap: 5683\n", "1: coap: expected a mapping (key: value lines)", id="not-map"),
@@ -435,7 +435,7 @@ BAD_INPUT = [
     pytest.param(
         "coap:\n  port: 1\nhttp:\n  port: 99999\ncoap2: 1\n",
         "5: coap2: unknown section (valid sections: callbacks, cluster, coap, database, devices, downlinks, "
-        "fota, http, logger, mqtt, retention)",
+        "fota, http, logger, mqtt, retention, shutdown)",
         id="unknown-section-reported-first",
     ),
 ]
@@ -468,7 +468,7 @@ def test_section_of_unknown_integration_lists_installed_ones(tmp_path: Path) -> 
     cfg = write(tmp_path, "mqtt:\n")
     assert error_of(tmp_path, {}) == (
         f"{cfg}:1: mqtt: unknown section (valid sections: cluster, coap, database, devices, downlinks, "
-        "fota, http, logger, retention)"
+        "fota, http, logger, retention, shutdown)"
     )
 
 

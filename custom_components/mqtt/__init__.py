@@ -10,6 +10,7 @@ command to the downlink queue; a refused one is reported on the status topic.
 Interface used by the driver core:
     integration = await async_setup(driver, settings)
     await integration.async_reload(settings)
+    await integration.async_drain(within)  # a clean stop: publish the outbox first
     await integration.async_unload()
     integration.status -> {"connected", "broker", "outbox", "published", "last_error"}
     integration.downlink_status -> {"subscribed", "subscription_error", "status_waiting",
@@ -240,6 +241,24 @@ class MqttIntegration(WatchableStatus):
         if self._broker is not None:
             await self._broker.stop()
             self._broker = None
+
+    async def async_drain(self, within: float) -> None:
+        """A clean stop of the driver: publish until the outbox is empty, at most `within` s.
+
+        Called once no more uplinks can arrive; what is left stays in the table and is
+        published after the next start.
+        """
+        if self._publisher.waiting:
+            _LOGGER.info(
+                "Stopping: publishing %d MQTT outbox row(s), up to %s s", self._publisher.waiting, within
+            )
+        try:
+            await self.async_wait_status(lambda status: status["outbox"] == 0, within)
+        except TimeoutError:
+            _LOGGER.warning(
+                "Stopping: %d MQTT outbox row(s) not published within %s s; they go out after "
+                "the next start", self._publisher.waiting, within,
+            )
 
     async def async_reload(self, settings: dict[str, Any] | None) -> None:
         """Apply new settings live: topic and QoS at the next publish, a broker by reconnecting.
