@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -76,6 +77,19 @@ class UplinkWriter:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
+        # Who publishes from the outbox table (the MQTT integration today; one named
+        # outbox per integration later): without one, no row is written for nobody.
+        self._outbox_consumers: set[str] = set()
+
+    def add_outbox_consumer(self, name: str) -> Callable[[], None]:
+        """`name` publishes outbox rows from now on; call the returned function when it stops."""
+        self._outbox_consumers.add(name)
+        return lambda: self._outbox_consumers.discard(name)
+
+    @property
+    def outbox_consumed(self) -> bool:
+        """Whether uplinks go to the outbox table: only while a consumer is registered."""
+        return bool(self._outbox_consumers)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="uplink-writer")
@@ -147,11 +161,13 @@ class UplinkWriter:
                 future.set_result(None)
 
     async def _write(self, jobs: list[WriteJob]) -> None:
-        await self._db.run_write(lambda session: write_batch(session, jobs))
+        outbox = self.outbox_consumed
+        await self._db.run_write(lambda session: write_batch(session, jobs, outbox=outbox))
 
 
-def write_batch(session: Session, jobs: list[WriteJob]) -> None:
-    """One transaction for a batch: contexts, uplinks, outbox rows, devices, downlinks, windows."""
+def write_batch(session: Session, jobs: list[WriteJob], *, outbox: bool = True) -> None:
+    """One transaction for a batch: contexts, uplinks, outbox rows (if `outbox`: someone
+    publishes them), devices, downlinks, windows."""
     instance_id = session.info.get("instance_id")
     if instance_id is not None:
         jobs = check_shared_state(session, jobs)
@@ -171,24 +187,8 @@ def write_batch(session: Session, jobs: list[WriteJob]) -> None:
                 for job in uplink_jobs
             ],
         )
-        for job in uplink_jobs:
-            job.uplink.document_json = json.dumps(
-                job.uplink.document(), separators=(",", ":"), ensure_ascii=False
-            )
-        result = session.execute(
-            _OUTBOX.insert().returning(_OUTBOX.c.id, sort_by_parameter_order=True),
-            [
-                {
-                    "serial": job.uplink.serial,
-                    "document": job.uplink.document_json,
-                    "created_at": job.uplink.rx_date,
-                    "instance_id": instance_id,
-                }
-                for job in uplink_jobs
-            ],
-        )
-        for job, outbox_id in zip(uplink_jobs, result.scalars(), strict=True):
-            job.uplink.outbox_id = outbox_id
+        if outbox:
+            _insert_outbox_rows(session, uplink_jobs, instance_id)
         session.execute(
             _DEVICE_SEEN,
             [
@@ -246,6 +246,28 @@ _WINDOW_MOVED = (
         sender_seq_reserved=bindparam("sender_seq_reserved"),
     )
 )
+
+
+def _insert_outbox_rows(session: Session, jobs: list[WriteJob], instance_id: int | None) -> None:
+    """The documents the outbox consumer publishes, each uplink told its row id."""
+    for job in jobs:
+        job.uplink.document_json = json.dumps(
+            job.uplink.document(), separators=(",", ":"), ensure_ascii=False
+        )
+    result = session.execute(
+        _OUTBOX.insert().returning(_OUTBOX.c.id, sort_by_parameter_order=True),
+        [
+            {
+                "serial": job.uplink.serial,
+                "document": job.uplink.document_json,
+                "created_at": job.uplink.rx_date,
+                "instance_id": instance_id,
+            }
+            for job in jobs
+        ],
+    )
+    for job, outbox_id in zip(jobs, result.scalars(), strict=True):
+        job.uplink.outbox_id = outbox_id
 
 
 def _store_new_contexts(session: Session, jobs: list[WriteJob]) -> None:
