@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from .downlinks import DownlinkStateEvent, StateChange, apply_changes
 from .events import EVENT_DOWNLINK_STATE, EVENT_UPLINK, EventBus
 from .oscore_context import REPLAY_WINDOW
+from .shared_answers import AnswerSeal, Retransmission, stored_answer_query
 from .storage.health import first_line
 from .storage.models import Device, OutboxMessage, SecurityContext, UplinkRecord
 from .tasks import cancel_and_wait
@@ -67,6 +68,8 @@ class WriteJob:
     downlink_events: list[DownlinkStateEvent] = field(default_factory=list)
     seqno: int | None = None  # the request's OSCORE sequence number (cluster replay check)
     refused: str | None = None  # set by the cluster check: "replay" or "superseded"
+    seal: AnswerSeal | None = None  # cluster mode: the answer, stored with the request
+    stored_answer: bytes | None = None  # cluster mode: a retransmission's answer, committed before
 
 
 class UplinkWriter:
@@ -151,14 +154,24 @@ class UplinkWriter:
         for job, future in batch:
             if job.refused is not None:
                 if not future.done():
-                    future.set_exception(SharedStateRefused(job.refused))
+                    future.set_exception(
+                        Retransmission(job.stored_answer) if job.stored_answer is not None
+                        else SharedStateRefused(job.refused)
+                    )
                 continue
+            if job.seal is not None:
+                job.seal.committed = True
             if job.uplink is not None:
                 self._bus.fire(EVENT_UPLINK, job.uplink)
             for event in job.downlink_events:
                 self._bus.fire(EVENT_DOWNLINK_STATE, event)
             if not future.done():
                 future.set_result(None)
+
+    async def stored_answer(self, device_id: int, seqno: int, digest: bytes) -> bytes | None:
+        """Cluster mode: the answer committed with exactly this request, if it was."""
+        async with self._db.session() as session:
+            return (await session.execute(stored_answer_query(device_id, seqno, digest))).scalar()
 
     async def _write(self, jobs: list[WriteJob]) -> None:
         outbox = self.outbox_consumed
@@ -206,19 +219,28 @@ def write_batch(session: Session, jobs: list[WriteJob], *, outbox: bool = True) 
         if job.downlink_changes:
             job.downlink_events = apply_changes(session, job.downlink_changes)
     windows = [job for job in jobs if not job.joined]
-    if windows:
-        session.execute(
-            _WINDOW_MOVED,
-            [
-                {
-                    "key": job.state.device_id,
-                    "replay_index": job.context.replay_state()[0],
-                    "replay_bitfield": job.context.replay_state()[1],
-                    "sender_seq_reserved": job.context.seq_reserved,
-                }
-                for job in windows
-            ],
-        )
+    if windows and instance_id is None:
+        session.execute(_WINDOW_MOVED, [_window(job) for job in windows])
+    elif windows:  # cluster mode: the answer goes with the window (driver_core.shared_answers)
+        session.execute(_WINDOW_AND_ANSWER, [{**_window(job), **_answer(job)} for job in windows])
+
+
+def _window(job: WriteJob) -> dict:
+    index, bitfield = job.context.replay_state()
+    return {
+        "key": job.state.device_id,
+        "replay_index": index,
+        "replay_bitfield": bitfield,
+        "sender_seq_reserved": job.context.seq_reserved,
+    }
+
+
+def _answer(job: WriteJob) -> dict:
+    """The request's identity and protected answer; None for a request that stores none."""
+    seal = job.seal
+    if seal is None or seal.encoded is None:
+        return {"answered_seqno": None, "answered_request": None, "answer": None}
+    return {"answered_seqno": seal.seqno, "answered_request": seal.digest, "answer": seal.encoded}
 
 
 # Core (table-level) statements run as one executemany each: the ORM's bulk paths
@@ -245,6 +267,13 @@ _WINDOW_MOVED = (
         replay_bitfield=bindparam("replay_bitfield"),
         sender_seq_reserved=bindparam("sender_seq_reserved"),
     )
+)
+
+
+_WINDOW_AND_ANSWER = _WINDOW_MOVED.values(
+    answered_seqno=bindparam("answered_seqno"),
+    answered_request=bindparam("answered_request"),
+    answer=bindparam("answer"),
 )
 
 
@@ -333,7 +362,7 @@ def check_shared_state(session: Session, jobs: list[WriteJob]) -> list[WriteJob]
     shared = {device_id: dict(row._mapping) for device_id, row in rows.items()}
     accepted = []
     for job in jobs:
-        job.refused = None
+        job.refused = job.stored_answer = None
         row = shared.get(job.state.device_id)
         if row is None:
             job.refused = "superseded"  # the device was removed meanwhile
@@ -357,6 +386,10 @@ def check_shared_state(session: Session, jobs: list[WriteJob]) -> list[WriteJob]
             )
             if not window.is_valid(job.seqno):
                 job.refused = "replay"
+                if job.seal is not None:  # a retransmission another instance answered?
+                    job.stored_answer = session.execute(
+                        stored_answer_query(job.state.device_id, job.seal.seqno, job.seal.digest)
+                    ).scalar()
                 continue
             window.strike_out(job.seqno)
             merged = window.persist()
