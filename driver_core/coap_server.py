@@ -190,8 +190,10 @@ class DeviceSite(OscoreSiteWrapper):
 
     def _seal(self, request, inner, context, request_id) -> AnswerSeal | None:
         """Cluster mode: let the resource store its protected answer with the request."""
+        if not self._credentials.shared:  # a single instance: its response cache suffices
+            return None
         seqno = oscore_seqno(inner)
-        if not self._credentials.shared or seqno is None:
+        if seqno is None:
             return None
         seal = AnswerSeal(
             seqno,
