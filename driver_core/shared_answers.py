@@ -69,8 +69,14 @@ class Retransmission(error.RenderableError):
 
     def __init__(self, stored: bytes) -> None:
         super().__init__("retransmission")
-        self.answer = aiocoap.Message.decode(stored)
-        self.answer.direction = Direction.OUTGOING  # decoded to be sent again
+        self.stored = stored
+
+    @property
+    def answer(self) -> aiocoap.Message:
+        """The stored answer, decoded where it is sent (not in the writer's loop)."""
+        message = aiocoap.Message.decode(self.stored)
+        message.direction = Direction.OUTGOING  # decoded to be sent again
+        return message
 
     def to_message(self) -> aiocoap.Message:
         return self.answer
