@@ -2,7 +2,8 @@
 
 Handlers hand a `WriteJob` to the `UplinkWriter` and await it. The writer
 gathers whatever jobs are waiting, writes them in one transaction (uplink
-history, MQTT outbox, device row, replay window, new security context), and
+history, MQTT outbox while a consumer is registered, device row, replay window,
+new security context), and
 only then releases the handlers and fires the uplink events, in arrival order.
 One commit per batch instead of one per uplink keeps the database off the
 critical path at high rates, while a crash never loses an answered uplink and
