@@ -4,7 +4,10 @@ A UDP load balancer may send any datagram to any instance, so nothing a
 device depends on may live in one instance's memory only:
 
 * replay windows and device counters are checked and merged inside the write
-  transaction, under a row lock (`driver_core.writer`);
+  transaction, under a row lock (`driver_core.writer`); the last request of
+  each device and its protected answer are stored with them, so a
+  retransmission that reaches another instance gets the same answer
+  (`driver_core.shared_answers`);
 * uplink outbox rows belong to the instance that wrote them (it publishes them
   from memory, at once); an instance whose heartbeat stopped has its rows
   adopted by a live one;

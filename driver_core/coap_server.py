@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from .coap_transport import CoapListener, start_listener
 from .family import PayloadDecodeError
 from .fota.blockwise import OCTET_STREAM, BlockOutOfRange, negotiate
 from .security import DeviceContext, DeviceCredentials, DeviceState, PossiblyStaleContext
+from .shared_answers import CURRENT_SEAL, AnswerSeal, Retransmission, request_digest
 from .storage.health import first_line
 from .timefmt import utcnow
 from .uplink import Uplink
@@ -65,11 +66,18 @@ class DeviceSite(OscoreSiteWrapper):
     """aiocoap's OSCORE wrapper, with the device fetched from the database before lookup
     and every refusal counted."""
 
-    def __init__(self, inner_site: ResourceTable, credentials: DeviceCredentials, refusals: Refusals):
+    def __init__(
+        self,
+        inner_site: ResourceTable,
+        credentials: DeviceCredentials,
+        refusals: Refusals,
+        writer: UplinkWriter | None = None,  # cluster mode: answers of retransmissions
+    ):
         super().__init__(inner_site, credentials)
         self._inner = inner_site
         self._credentials = credentials
         self._refusals = refusals
+        self._writer = writer
 
     async def render_to_pipe(self, pipe):
         request = pipe.request
@@ -115,17 +123,26 @@ class DeviceSite(OscoreSiteWrapper):
         except (error.BadRequest, PossiblyStaleContext) as exc:
             if not self._credentials.shared or not await self._credentials.reloaded_other_context(state):
                 if isinstance(exc, PossiblyStaleContext):
-                    raise self._replay(pipe, state) from None
+                    await self._replay(pipe, state)
+                    return
                 raise
         try:
             await self._verify_and_render(pipe)
         except PossiblyStaleContext:
-            raise self._replay(pipe, state) from None
+            await self._replay(pipe, state)
 
-    def _replay(self, pipe, state: DeviceState) -> error.Unauthorized:
-        """Count a replay that only the cluster check could judge; its 4.01 to raise."""
-        self._refusals.record(why.REPLAY, remote=pipe.request.remote, kid=state.kid, serial=state.serial)
-        return error.Unauthorized("Replay detected")
+    async def _replay(self, pipe, state: DeviceState) -> None:
+        """A sequence number the shared window has seen: a retransmission of a committed request
+        gets its stored answer (whichever instance sent it); anything else is a replay, 4.01."""
+        request = pipe.request
+        seqno = int.from_bytes(oscore.verify_start(request).get(oscore.COSE_PIV, b""), "big")
+        if self._writer is not None:
+            stored = await self._writer.stored_answer(state.device_id, seqno, request_digest(request))
+            if stored is not None:
+                pipe.add_response(Retransmission(stored).answer, is_last=True)
+                return
+        self._refusals.record(why.REPLAY, remote=request.remote, kid=state.kid, serial=state.serial)
+        raise error.Unauthorized("Replay detected") from None
 
     async def _verify_and_render(self, pipe) -> None:
         """OSCORE-verify, call the resource, protect its answer: what aiocoap's wrapper does,
@@ -150,15 +167,41 @@ class DeviceSite(OscoreSiteWrapper):
         except oscore.ProtectionInvalid:
             raise error.BadRequest("Decryption failed") from None
         inner.remote = OSCOREAddress(context, request.remote)
+        seal = self._seal(request, inner, context, request_id)
         try:
             response = await self._inner.render(inner)
+        except Retransmission as exc:  # cluster mode: committed before, answered as then
+            pipe.add_response(exc.answer, is_last=True)
+            return
         except error.RenderableError as exc:
             response = exc.to_message()
         except Exception:
             _LOGGER.exception("Rendering %s failed", "/" + "/".join(inner.opt.uri_path))
             response = aiocoap.Message(code=Code.INTERNAL_SERVER_ERROR)
+        finally:
+            if seal is not None:
+                CURRENT_SEAL.set(None)
+        sealed = seal.answer() if seal is not None else None
+        if sealed is not None:
+            pipe.add_response(sealed, is_last=True)  # the very bytes stored with the request
+            return
         protected, _ = context.context_for_response().protect(response, request_id)
         pipe.add_response(protected, is_last=True)
+
+    def _seal(self, request, inner, context, request_id) -> AnswerSeal | None:
+        """Cluster mode: let the resource store its protected answer with the request."""
+        if not self._credentials.shared:  # a single instance: its response cache suffices
+            return None
+        seqno = oscore_seqno(inner)
+        if seqno is None:
+            return None
+        seal = AnswerSeal(
+            seqno,
+            request_digest(request),
+            lambda answer: context.context_for_response().protect(answer, request_id)[0],
+        )
+        CURRENT_SEAL.set(seal)
+        return seal
 
 
 class ResourceTable:
@@ -280,8 +323,13 @@ class DeviceResource(resource.Resource):
         joined: bool = False,
         now: datetime | None = None,
         seqno: int | None = None,
+        answer: Callable[[dict[Any, Any]], aiocoap.Message] | None = None,
     ) -> dict[Any, Any]:
-        """Store the uplink with the downlink transitions it causes; return answer keys 3/4."""
+        """Store the uplink with the downlink transitions it causes; return answer keys 3/4.
+
+        `answer` makes the response from those keys: in cluster mode it is protected and
+        stored with the uplink, for a retransmission that reaches another instance.
+        """
         state = context.device
         queue = self.core.downlinks
         async with queue.locks.hold(state.device_id):
@@ -292,11 +340,15 @@ class DeviceResource(resource.Resource):
                 data["command"] = plan.acked.command
             previous = (state.last_seen, state.uplinks_since_join)
             uplink = self.new_uplink(state, data, now or utcnow())
+            seal = CURRENT_SEAL.get()
+            if seal is not None and answer is not None:
+                seal.seal(answer(plan.body))
             try:
                 await self.store(
                     WriteJob(
                         state, context, uplink, payload, joined=joined,
                         downlink_changes=plan.changes, seqno=seqno,
+                        seal=seal if answer is not None else None,
                     )
                 )
             except error.RenderableError:  # nothing was stored: the cached device state stays
@@ -319,12 +371,17 @@ class DeviceResource(resource.Resource):
         if failure is not None:
             self.core.refusals.record(why.BAD_PAYLOAD, kid=state.kid, serial=state.serial, detail=failure)
         extra = self.answer_extra(state, data) if failure is None else {}
+
+        def answer(body: dict[Any, Any]) -> aiocoap.Message:
+            if failure is not None:
+                return aiocoap.Message(code=Code.BAD_REQUEST, payload=failure.encode()[:120])
+            return cbor_answer(Code.CHANGED, {**body, **extra})
+
         body = await self.accept(
-            context, data, request.payload, answered_ok=failure is None, seqno=oscore_seqno(request)
+            context, data, request.payload, answered_ok=failure is None, seqno=oscore_seqno(request),
+            answer=answer,
         )
-        if failure is not None:
-            return aiocoap.Message(code=Code.BAD_REQUEST, payload=failure.encode()[:120])
-        return cbor_answer(Code.CHANGED, {**body, **extra})
+        return answer(body)
 
     def decode(self, state: DeviceState, payload: bytes) -> tuple[dict[str, Any], str | None]:
         raise NotImplementedError
@@ -558,7 +615,7 @@ class CoapCore:
             },
             subtrees={"fota": FotaDownloadResource(self)},
         )
-        return DeviceSite(inner, self.credentials, self.refusals)
+        return DeviceSite(inner, self.credentials, self.refusals, self.writer)
 
 
 async def start_coap_server(core: CoapCore, host: str, port: int) -> CoapListener:

@@ -1,4 +1,5 @@
-"""Periodic chores of a running driver: notice fleet changes, expire old history."""
+"""Periodic chores of a running driver: notice fleet changes, expire old history, drop
+outbox rows nobody publishes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete
 
 from .storage.health import log_retry
-from .storage.models import UplinkRecord
+from .storage.models import OutboxMessage, UplinkRecord
 from .tasks import cancel_and_wait
 from .timefmt import utcnow
 
@@ -30,11 +31,33 @@ async def purge_uplinks(driver: Driver, days: int) -> int:
     return result.rowcount or 0
 
 
+async def purge_unconsumed_outbox(driver: Driver) -> int:
+    """Delete outbox rows no integration will publish (MQTT was configured once, no longer).
+
+    Only this instance's rows: in cluster mode another instance publishes its own.
+    """
+    if driver.writer is None or driver.writer.outbox_consumed:
+        return 0
+    query = delete(OutboxMessage)
+    if driver.db.instance_id is not None:
+        query = query.where(OutboxMessage.instance_id == driver.db.instance_id)
+    async with driver.db.session() as session, session.begin():
+        result = await session.execute(query.execution_options(synchronize_session=False))
+    deleted = result.rowcount or 0
+    if deleted:
+        _LOGGER.info(
+            "No MQTT integration is configured: deleted %d uplink document(s) left in the MQTT outbox",
+            deleted,
+        )
+    return deleted
+
+
 async def purge_history(driver: Driver) -> None:
     """Apply the retention settings: old uplinks and finished downlinks go; pending ones stay."""
     retention = driver.config.retention
     uplinks = await purge_uplinks(driver, retention["uplinks_days"])
     downlinks = await driver.downlinks.purge(retention["downlinks_days"])
+    await purge_unconsumed_outbox(driver)
     if uplinks or downlinks:
         _LOGGER.info("Retention: deleted %d uplinks and %d downlinks", uplinks, downlinks)
 
@@ -62,3 +85,4 @@ class Housekeeping:
             except Exception as exc:
                 log_retry(_LOGGER, "Housekeeping", exc)
             await asyncio.sleep(FLEET_CHECK_SECONDS)
+

@@ -2,7 +2,8 @@
 
 Handlers hand a `WriteJob` to the `UplinkWriter` and await it. The writer
 gathers whatever jobs are waiting, writes them in one transaction (uplink
-history, MQTT outbox, device row, replay window, new security context), and
+history, MQTT outbox while a consumer is registered, device row, replay window,
+new security context), and
 only then releases the handlers and fires the uplink events, in arrival order.
 One commit per batch instead of one per uplink keeps the database off the
 critical path at high rates, while a crash never loses an answered uplink and
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,7 @@ from sqlalchemy.orm import Session
 from .downlinks import DownlinkStateEvent, StateChange, apply_changes
 from .events import EVENT_DOWNLINK_STATE, EVENT_UPLINK, EventBus
 from .oscore_context import REPLAY_WINDOW
+from .shared_answers import AnswerSeal, Retransmission, stored_answer_query
 from .storage.health import first_line
 from .storage.models import Device, OutboxMessage, SecurityContext, UplinkRecord
 from .tasks import cancel_and_wait
@@ -66,6 +69,8 @@ class WriteJob:
     downlink_events: list[DownlinkStateEvent] = field(default_factory=list)
     seqno: int | None = None  # the request's OSCORE sequence number (cluster replay check)
     refused: str | None = None  # set by the cluster check: "replay" or "superseded"
+    seal: AnswerSeal | None = None  # cluster mode: the answer, stored with the request
+    stored_answer: bytes | None = None  # cluster mode: a retransmission's answer, committed before
 
 
 class UplinkWriter:
@@ -76,6 +81,19 @@ class UplinkWriter:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
+        # Who publishes from the outbox table (the MQTT integration today; one named
+        # outbox per integration later): without one, no row is written for nobody.
+        self._outbox_consumers: set[str] = set()
+
+    def add_outbox_consumer(self, name: str) -> Callable[[], None]:
+        """`name` publishes outbox rows from now on; call the returned function when it stops."""
+        self._outbox_consumers.add(name)
+        return lambda: self._outbox_consumers.discard(name)
+
+    @property
+    def outbox_consumed(self) -> bool:
+        """Whether uplinks go to the outbox table: only while a consumer is registered."""
+        return bool(self._outbox_consumers)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="uplink-writer")
@@ -137,8 +155,13 @@ class UplinkWriter:
         for job, future in batch:
             if job.refused is not None:
                 if not future.done():
-                    future.set_exception(SharedStateRefused(job.refused))
+                    future.set_exception(
+                        Retransmission(job.stored_answer) if job.stored_answer is not None
+                        else SharedStateRefused(job.refused)
+                    )
                 continue
+            if job.seal is not None:
+                job.seal.committed = True
             if job.uplink is not None:
                 self._bus.fire(EVENT_UPLINK, job.uplink)
             for event in job.downlink_events:
@@ -146,12 +169,19 @@ class UplinkWriter:
             if not future.done():
                 future.set_result(None)
 
+    async def stored_answer(self, device_id: int, seqno: int, digest: bytes) -> bytes | None:
+        """Cluster mode: the answer committed with exactly this request, if it was."""
+        async with self._db.session() as session:
+            return (await session.execute(stored_answer_query(device_id, seqno, digest))).scalar()
+
     async def _write(self, jobs: list[WriteJob]) -> None:
-        await self._db.run_write(lambda session: write_batch(session, jobs))
+        outbox = self.outbox_consumed
+        await self._db.run_write(lambda session: write_batch(session, jobs, outbox=outbox))
 
 
-def write_batch(session: Session, jobs: list[WriteJob]) -> None:
-    """One transaction for a batch: contexts, uplinks, outbox rows, devices, downlinks, windows."""
+def write_batch(session: Session, jobs: list[WriteJob], *, outbox: bool = True) -> None:
+    """One transaction for a batch: contexts, uplinks, outbox rows (if `outbox`: someone
+    publishes them), devices, downlinks, windows."""
     instance_id = session.info.get("instance_id")
     if instance_id is not None:
         jobs = check_shared_state(session, jobs)
@@ -171,24 +201,8 @@ def write_batch(session: Session, jobs: list[WriteJob]) -> None:
                 for job in uplink_jobs
             ],
         )
-        for job in uplink_jobs:
-            job.uplink.document_json = json.dumps(
-                job.uplink.document(), separators=(",", ":"), ensure_ascii=False
-            )
-        result = session.execute(
-            _OUTBOX.insert().returning(_OUTBOX.c.id, sort_by_parameter_order=True),
-            [
-                {
-                    "serial": job.uplink.serial,
-                    "document": job.uplink.document_json,
-                    "created_at": job.uplink.rx_date,
-                    "instance_id": instance_id,
-                }
-                for job in uplink_jobs
-            ],
-        )
-        for job, outbox_id in zip(uplink_jobs, result.scalars(), strict=True):
-            job.uplink.outbox_id = outbox_id
+        if outbox:
+            _insert_outbox_rows(session, uplink_jobs, instance_id)
         session.execute(
             _DEVICE_SEEN,
             [
@@ -206,19 +220,28 @@ def write_batch(session: Session, jobs: list[WriteJob]) -> None:
         if job.downlink_changes:
             job.downlink_events = apply_changes(session, job.downlink_changes)
     windows = [job for job in jobs if not job.joined]
-    if windows:
-        session.execute(
-            _WINDOW_MOVED,
-            [
-                {
-                    "key": job.state.device_id,
-                    "replay_index": job.context.replay_state()[0],
-                    "replay_bitfield": job.context.replay_state()[1],
-                    "sender_seq_reserved": job.context.seq_reserved,
-                }
-                for job in windows
-            ],
-        )
+    if windows and instance_id is None:
+        session.execute(_WINDOW_MOVED, [_window(job) for job in windows])
+    elif windows:  # cluster mode: the answer goes with the window (driver_core.shared_answers)
+        session.execute(_WINDOW_AND_ANSWER, [{**_window(job), **_answer(job)} for job in windows])
+
+
+def _window(job: WriteJob) -> dict:
+    index, bitfield = job.context.replay_state()
+    return {
+        "key": job.state.device_id,
+        "replay_index": index,
+        "replay_bitfield": bitfield,
+        "sender_seq_reserved": job.context.seq_reserved,
+    }
+
+
+def _answer(job: WriteJob) -> dict:
+    """The request's identity and protected answer; None for a request that stores none."""
+    seal = job.seal
+    if seal is None or seal.encoded is None:
+        return {"answered_seqno": None, "answered_request": None, "answer": None}
+    return {"answered_seqno": seal.seqno, "answered_request": seal.digest, "answer": seal.encoded}
 
 
 # Core (table-level) statements run as one executemany each: the ORM's bulk paths
@@ -246,6 +269,35 @@ _WINDOW_MOVED = (
         sender_seq_reserved=bindparam("sender_seq_reserved"),
     )
 )
+
+
+_WINDOW_AND_ANSWER = _WINDOW_MOVED.values(
+    answered_seqno=bindparam("answered_seqno"),
+    answered_request=bindparam("answered_request"),
+    answer=bindparam("answer"),
+)
+
+
+def _insert_outbox_rows(session: Session, jobs: list[WriteJob], instance_id: int | None) -> None:
+    """The documents the outbox consumer publishes, each uplink told its row id."""
+    for job in jobs:
+        job.uplink.document_json = json.dumps(
+            job.uplink.document(), separators=(",", ":"), ensure_ascii=False
+        )
+    result = session.execute(
+        _OUTBOX.insert().returning(_OUTBOX.c.id, sort_by_parameter_order=True),
+        [
+            {
+                "serial": job.uplink.serial,
+                "document": job.uplink.document_json,
+                "created_at": job.uplink.rx_date,
+                "instance_id": instance_id,
+            }
+            for job in jobs
+        ],
+    )
+    for job, outbox_id in zip(jobs, result.scalars(), strict=True):
+        job.uplink.outbox_id = outbox_id
 
 
 def _store_new_contexts(session: Session, jobs: list[WriteJob]) -> None:
@@ -311,7 +363,7 @@ def check_shared_state(session: Session, jobs: list[WriteJob]) -> list[WriteJob]
     shared = {device_id: dict(row._mapping) for device_id, row in rows.items()}
     accepted = []
     for job in jobs:
-        job.refused = None
+        job.refused = job.stored_answer = None
         row = shared.get(job.state.device_id)
         if row is None:
             job.refused = "superseded"  # the device was removed meanwhile
@@ -335,6 +387,10 @@ def check_shared_state(session: Session, jobs: list[WriteJob]) -> list[WriteJob]
             )
             if not window.is_valid(job.seqno):
                 job.refused = "replay"
+                if job.seal is not None:  # a retransmission another instance answered?
+                    job.stored_answer = session.execute(
+                        stored_answer_query(job.state.device_id, job.seal.seqno, job.seal.digest)
+                    ).scalar()
                 continue
             window.strike_out(job.seqno)
             merged = window.persist()

@@ -605,6 +605,7 @@ async def test_refused_uplinks_leave_no_trace_in_the_device_state(
     config_dir = tmp_path / "config"
     write_config(config_dir, database_url=postgres_url)
     async with started_driver(config_dir) as driver:
+        driver.writer.add_outbox_consumer("test")  # no MQTT here: keep the documents to read
         fleet = Fleet(await enroll_fleet(driver, 1, "T"))
         (serial,) = fleet.sessions
         assert (await fleet.send(serial, 0)).code == Code.CHANGED

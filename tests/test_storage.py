@@ -65,7 +65,7 @@ def _free_tcp_port() -> int:
 
 
 async def test_migrates_empty_database_to_head(database: Database) -> None:
-    assert head_revision() == "0006"
+    assert head_revision() == "0007"
     assert await current_revision(database.engine) == head_revision()
     async with database.engine.connect() as conn:
         tables = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
@@ -97,7 +97,7 @@ async def test_restart_keeps_data_and_revision(db_url: str) -> None:
     await db.stop()
     await db.start()
     try:
-        assert await current_revision(db.engine) == "0006"
+        assert await current_revision(db.engine) == "0007"
         async with db.session() as session:
             assert (await session.execute(text("SELECT serial FROM mqtt_outbox"))).all() == [
                 ("A1",)

@@ -136,6 +136,7 @@ class MqttIntegration(WatchableStatus):
                 on_change=self._changed,
             )
         self._runner: asyncio.Task[None] | None = None
+        self._stop_consuming: Callable[[], None] = lambda: None
         self._stop = asyncio.Event()
         self._unlisteners: list[Callable[[], None]] = []
         self._fota_topic = TopicTemplate(settings["fota_status_topic"])
@@ -212,10 +213,14 @@ class MqttIntegration(WatchableStatus):
             )
         if self._settings["broker"] == BROKER_BUILTIN:
             self._broker = await self._start_builtin(self._settings)
+        writer = getattr(self._driver, "writer", None)  # tests of the uplink path have none
+        # From here on the writer fills the outbox for us (nothing is kept for nobody).
+        self._stop_consuming = writer.add_outbox_consumer(DOMAIN) if writer else lambda: None
         try:
             await self._publisher.start()
             await self._status.start()
         except BaseException:
+            self._stop_consuming()
             if self._broker is not None:
                 await self._broker.stop()
                 self._broker = None
@@ -231,6 +236,7 @@ class MqttIntegration(WatchableStatus):
         self._start_runner()
 
     async def async_unload(self) -> None:
+        self._stop_consuming()
         for unlisten in self._unlisteners:
             unlisten()
         self._unlisteners = []

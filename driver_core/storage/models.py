@@ -91,6 +91,12 @@ class SecurityContext(Base):
     replay_index: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     replay_bitfield: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     established_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    # Cluster mode (driver_core.shared_answers): the last request committed under this
+    # context (its sequence number, a SHA-256 of its OSCORE option and ciphertext) and
+    # its protected answer, so any instance answers a retransmission with the same bytes.
+    answered_seqno: Mapped[int | None] = mapped_column(BigInteger)
+    answered_request: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    answer: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class UplinkRecord(Base):
