@@ -392,14 +392,14 @@ async def test_callbacks_never_spend_the_admins_login_budget(tmp_path: Path) -> 
     async with started_driver(config_dir) as driver:
         integration = driver.integrations.running["callbacks"]
         origin = f"http://127.0.0.1:{driver.api.port}"
-        forwarded: list[int] = []
+        forwarded: list[tuple[int, Any]] = []
 
         async def proxy(request: web.Request) -> web.Response:
             async with aiohttp.ClientSession() as http, http.post(
                 origin + "/metrics", data=await request.read(), headers=dict(request.headers)
             ) as response:
-                forwarded.append(response.status)
-                return web.Response(status=response.status, text=await response.text())
+                forwarded.append((response.status, await response.json()))
+                return web.Response(status=response.status)
 
         async with http_endpoint("/{tail:.*}", proxy) as proxy_port:
             core = Core(driver.db, config_dir)
@@ -412,7 +412,11 @@ async def test_callbacks_never_spend_the_admins_login_budget(tmp_path: Path) -> 
                 await core.change(downlink, 0, fire=False)
             driver.bus.fire(EVENT_DOWNLINK_ROWS, None)  # as another instance announces rows
             await integration.async_wait_status(lambda s: s["failed"] == 40, within=20)
-        assert forwarded == [403] * 30
+        assert forwarded == [(403, {
+            "error": "own_callback",
+            "detail": "this is the coap-driver's own callback: the driver does not post callbacks "
+            "to itself; point callback_url at the receiving application",
+        })] * 30
         own = await core.events("own-0")
         assert own == [(0, "failed", 1, own_listener("127.0.0.1", driver.api.port))]
         await users_cli.create_user(driver.db, ADMIN, PASSWORD)

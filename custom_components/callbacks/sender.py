@@ -21,11 +21,12 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from driver_core.api.throttle import CALLBACK_AGENT
 from driver_core.callback_policy import CallbackPolicy
 
 SIGNATURE_HEADER = "X-Coap-Driver-Signature"
 TIMESTAMP_HEADER = "X-Coap-Driver-Timestamp"
-USER_AGENT = "coap-driver-callbacks/0.1"
+USER_AGENT = f"{CALLBACK_AGENT}0.1"  # the driver answers 403 to it, see throttle.py
 
 
 class Outcome(NamedTuple):
