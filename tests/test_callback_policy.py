@@ -423,3 +423,16 @@ async def test_callbacks_never_spend_the_admins_login_budget(tmp_path: Path) -> 
         async with new_http() as http:
             page = await WebClient(origin, http).login(ADMIN, PASSWORD)
             assert page.status == 200
+
+
+def test_the_web_form_shows_networks_as_the_text_it_accepts() -> None:
+    from driver_core.web import forms
+
+    fields = forms.fill(
+        forms.describe(SETTINGS_SCHEMA),
+        SETTINGS_SCHEMA({"allowed_networks": ["127.0.0.0/8", "::1"]}),
+    )
+    shown = {item.name: item.value for item in fields}
+    assert (shown["allowed_networks"], shown["denied_networks"]) == ("127.0.0.0/8, ::1/128", "")
+    submitted = forms.changes_from(fields, {"allowed_networks": shown["allowed_networks"]})
+    assert SETTINGS_SCHEMA(submitted)["allowed_networks"] == ["127.0.0.0/8", "::1/128"]
