@@ -346,11 +346,11 @@ def test_network_settings_are_lists_of_canonical_networks() -> None:
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("localhost", "allowed_networks: 'localhost' is not a network; write it like "
+        ("localhost", "allowed_networks entry 'localhost' is not a network; write it like "
                       "10.0.0.0/8 or fd00::/8"),
-        (["127.0.0.1/8"], "allowed_networks: '127.0.0.1/8' has host bits set; did you mean "
+        (["127.0.0.1/8"], "allowed_networks entry '127.0.0.1/8' has host bits set; did you mean "
                           "127.0.0.0/8?"),
-        ([8], "allowed_networks: 8 is not a network; write it like 10.0.0.0/8 or fd00::/8"),
+        ([8], "allowed_networks entry 8 is not a network; write it like 10.0.0.0/8 or fd00::/8"),
         ({"a": 1}, "allowed_networks must be a list of networks, e.g. [127.0.0.0/8]"),
     ],
 )

@@ -100,7 +100,7 @@ def networks(name: str) -> Callable[[Any], list[str]]:
 
 def _network(name: str, item: Any) -> str:
     if not isinstance(item, str):
-        raise vol.Invalid(f"{name}: {item!r} is not a network; write it like 10.0.0.0/8 or fd00::/8")
+        raise vol.Invalid(f"{name} entry {item!r} is not a network; write it like 10.0.0.0/8 or fd00::/8")
     try:
         return str(ipaddress.ip_network(item.strip()))
     except ValueError:
@@ -109,9 +109,9 @@ def _network(name: str, item: Any) -> str:
         suggestion = ipaddress.ip_network(item.strip(), strict=False)
     except ValueError:
         raise vol.Invalid(
-            f"{name}: {item!r} is not a network; write it like 10.0.0.0/8 or fd00::/8"
+            f"{name} entry {item!r} is not a network; write it like 10.0.0.0/8 or fd00::/8"
         ) from None
-    raise vol.Invalid(f"{name}: {item!r} has host bits set; did you mean {suggestion}?")
+    raise vol.Invalid(f"{name} entry {item!r} has host bits set; did you mean {suggestion}?")
 
 
 SETTINGS_SCHEMA = vol.Schema(
