@@ -294,7 +294,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prefix = f"cbbench-{uuid.uuid4().hex[:8]}"
         write_driver_config(
             config_dir, f"sqlite+aiosqlite:///{workdir / 'bench.db'}", prefix, 1,
-            extra=f"callbacks:\n  max_concurrency: {args.max_concurrency}\n",
+            extra=f"callbacks:\n  max_concurrency: {args.max_concurrency}\n"
+            "  allowed_networks: [127.0.0.0/8]\n",  # the receiver listens on loopback
         )
         report["enroll_s"] = round(asyncio.run(enroll(config_dir, args.devices)), 2)
         token = asyncio.run(create_api_token(config_dir))

@@ -26,6 +26,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from .callback_policy import CallbackPolicy
 from .cluster import downlink_events_notice
 from .errors import RequestRefused
 from .events import EVENT_DOWNLINK_STATE, EventBus
@@ -282,6 +283,9 @@ class DownlinkQueue:
         self.open_devices: set[int] = set()
         self._last_seen_row = 0
         self._task: asyncio.Task[None] | None = None
+        # Where callback URLs may point; the driver adds its listeners, the callbacks
+        # integration its allowed/denied networks (driver_core/callback_policy.py).
+        self.callback_policy = CallbackPolicy()
 
     # -- life cycle ----------------------------------------------------------------
     async def start(self) -> None:
@@ -345,6 +349,8 @@ class DownlinkQueue:
             raise DownlinkError(
                 400, "invalid_command_id", f"command_id must be 1 to {COMMAND_ID_MAX} characters", "command_id"
             )
+        if callback_url is not None and (refusal := self.callback_policy.url_refusal(callback_url)):
+            raise DownlinkError(400, "callback_refused", refusal, "callback_url")
         try:
             async with self._db.session() as session, session.begin():
                 device = await self._device(session, serial)

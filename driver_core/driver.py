@@ -11,6 +11,7 @@ from typing import Any
 
 from .api.server import ApiServer
 from .api.throttle import auth_throttle
+from .callback_policy import CallbackPolicy, driver_listeners
 from .cluster import Cluster
 from .coap_server import CoapCore, start_coap_server
 from .coap_transport import CoapListener
@@ -142,6 +143,7 @@ class Driver:
             ack_timeout=config.downlinks["ack_timeout"],
             max_pending=config.downlinks["max_pending"],
         )
+        self.downlinks.callback_policy = CallbackPolicy(own_listeners=lambda: driver_listeners(self))
         await self.downlinks.start()
         self.coap = CoapCore(
             self.credentials,

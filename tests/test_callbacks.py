@@ -59,6 +59,8 @@ EXAMPLE_BODY = f'{{"command_id":"{EXAMPLE_ID}","status":3,"timestamp":1757077169
 EXAMPLE_SIGNATURE = "sha256=21a3fe9a35f62ea3682236438f0fc7ea81698872a031396c82e13f78e5005e79"
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.2, "jitter": "none"}
+# The receivers listen on loopback, which callbacks refuse unless allowed (callback_policy.py).
+LOOPBACK = {"allowed_networks": ["127.0.0.0/8"]}
 
 
 # ---- a callback receiver ----------------------------------------------------------------
@@ -261,7 +263,11 @@ Setup = Callable[..., Awaitable[CallbacksIntegration]]
 async def setup() -> AsyncIterator[Setup]:
     """`await setup(core, **settings)`; every integration is unloaded after the test."""
     async with integration_starter(async_setup) as start:
-        yield start
+
+        async def start_with_loopback(core: Any, **settings: Any) -> CallbacksIntegration:
+            return await start(core, **{**LOOPBACK, **settings})
+
+        yield start_with_loopback
 
 
 def body(command_id: str, state: int, at: datetime) -> dict[str, Any]:
@@ -325,7 +331,7 @@ async def test_reload_applies_a_new_secret(core: Core, setup: Setup, receiver: R
     downlink = await core.downlink("live", receiver.url("/hook"))
     await core.change(downlink, 0)
     await integration.async_wait_status(lambda s: s["delivered"] == 1)
-    await integration.async_reload({"hmac_secret": "new-secret"})
+    await integration.async_reload({**LOOPBACK, "hmac_secret": "new-secret"})
     assert integration.settings["hmac_secret"] == "new-secret"
     await core.change(downlink, 2)
     await integration.async_wait_status(lambda s: s["delivered"] == 2)
@@ -431,7 +437,7 @@ async def test_tls_certificate_is_verified_unless_disabled(
     assert (state, status, attempts, tls_receiver.requests) == (0, "failed", 1, [])
     assert error.startswith("TLS certificate of 127.0.0.1 not accepted: ")
     assert "certificate verify failed" in error
-    await strict.async_reload({"retry_for": 0, "verify_tls": False})
+    await strict.async_reload({**LOOPBACK, "retry_for": 0, "verify_tls": False})
     event = await core.change(downlink, 2)
     await strict.async_wait_status(lambda s: s["delivered"] == 1)
     assert tls_receiver.bodies("/secure") == [body("tls", 2, event.at)]
@@ -601,7 +607,7 @@ async def test_unload_with_a_request_in_flight(
 async def test_runs_inside_the_driver(tmp_path: Path, receiver: Receiver) -> None:
     """Loaded by the real driver from configuration.yaml; settings saved live are checked."""
     config_dir = tmp_path / "config"
-    write_config(config_dir, extra="callbacks:\n  timeout: 2\n")
+    write_config(config_dir, extra="callbacks:\n  timeout: 2\n  allowed_networks: [127.0.0.0/8]\n")
     driver = Driver(config_dir)
     await driver.start()
     try:
@@ -635,6 +641,8 @@ def test_defaults() -> None:
         "max_concurrency": 50,
         "hmac_secret": "",
         "verify_tls": True,
+        "allowed_networks": [],
+        "denied_networks": [],
     }
 
 

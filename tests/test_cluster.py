@@ -71,7 +71,7 @@ def cluster_yaml(prefix: str) -> str:
         f"  uplink_topic: '{prefix}/{{{{serial}}}}/uplink'\n"
         f"  downlink_status_topic: '{prefix}/{{{{serial}}}}/downlink/status'\n"
         f"  downlink_command_topic: '{prefix}/{{{{serial}}}}/downlink'\n"
-        "callbacks:\n  retry_for: 0\n"
+        "callbacks:\n  retry_for: 0\n  allowed_networks: [127.0.0.0/8]\n"  # receivers on loopback
     )
 
 

@@ -783,6 +783,7 @@ DOWNLINKS_PER_PHASE = 4  # per device
 CALLBACKS_CONFIG = (
     "callbacks:\n  timeout: 60\n  retry_for: 60\n  backoff_initial: 0.1\n"
     "  backoff_max: 0.4\n  jitter: none\n"
+    "  allowed_networks: [127.0.0.0/8]\n"  # the endpoints listen on loopback
 )
 
 

@@ -79,7 +79,8 @@ async def ops(tmp_path: Path, restore_levels: None) -> AsyncIterator[Ops]:
         config_dir = tmp_path / "config"
         write_config(
             config_dir,
-            extra=f"mqtt:\n  builtin_port: {free_port()}\ncallbacks:\n  retry_for: 0\n",
+            extra=f"mqtt:\n  builtin_port: {free_port()}\ncallbacks:\n  retry_for: 0\n"
+            "  allowed_networks: [127.0.0.0/8]\n",  # the hook listens on loopback
         )
         driver = Driver(config_dir)
         await driver.start()

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from driver_core.callback_policy import CallbackPolicy, driver_listeners
 from driver_core.cluster import EVENT_DOWNLINK_ROWS
 from driver_core.events import EVENT_DOWNLINK_STATE
 from driver_core.integration_base import SettingsError, WatchableStatus
@@ -50,8 +51,20 @@ async def async_setup(driver: Any, settings: dict[str, Any] | None) -> Callbacks
 class CallbacksIntegration(WatchableStatus):
     def __init__(self, driver: Any, settings: dict[str, Any]) -> None:
         self._driver = driver
-        self._delivery = CallbackDelivery(CallbackStore(driver.db), settings, self._changed)
+        self._delivery = CallbackDelivery(
+            CallbackStore(driver.db), settings, self._changed, self._policy(settings)
+        )
         self._unlisten: Callable[[], None] | None = None
+
+    def _policy(self, settings: dict[str, Any]) -> CallbackPolicy:
+        return CallbackPolicy.from_settings(settings, lambda: driver_listeners(self._driver))
+
+    def _install(self, policy: CallbackPolicy) -> None:
+        """Scheduling (REST, MQTT) refuses what delivery would refuse."""
+        self._delivery.policy = policy
+        queue = getattr(self._driver, "downlinks", None)
+        if queue is not None:
+            queue.callback_policy = policy
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -67,6 +80,7 @@ class CallbacksIntegration(WatchableStatus):
         }
 
     def async_start(self) -> None:
+        self._install(self._delivery.policy)
         self._delivery.start()
         unlisteners = [
             self._driver.bus.listen(EVENT_DOWNLINK_STATE, self._on_state),
@@ -81,7 +95,9 @@ class CallbacksIntegration(WatchableStatus):
 
         Raises SettingsError and keeps the current settings when they cannot apply.
         """
-        self._delivery.settings = await async_validated(settings)
+        validated = await async_validated(settings)
+        self._delivery.settings = validated
+        self._install(self._policy(validated))
         self._changed()
 
     async def async_unload(self) -> None:
@@ -90,6 +106,7 @@ class CallbacksIntegration(WatchableStatus):
             self._unlisten()
             self._unlisten = None
         await self._delivery.close()
+        self._install(self._policy({}))  # the default refusals stay without the integration
 
     def _on_state(self, event: Any) -> None:
         url = getattr(event, "callback_url", None)

@@ -8,7 +8,9 @@ fractions, so tests and impatient users can use small values.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -80,6 +82,38 @@ def secret(value: Any) -> str:
     return value
 
 
+def networks(name: str) -> Callable[[Any], list[str]]:
+    """CIDRs as a YAML list or as text separated by commas or spaces (the web form): each
+    checked, returned in canonical form (a bare address is a /32 or /128)."""
+
+    def validate(value: Any) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [item for item in re.split(r"[\s,]+", value) if item]
+        if not isinstance(value, list | tuple):
+            raise vol.Invalid(f"{name} must be a list of networks, e.g. [127.0.0.0/8]")
+        return [_network(name, item) for item in value]
+
+    return validate
+
+
+def _network(name: str, item: Any) -> str:
+    if not isinstance(item, str):
+        raise vol.Invalid(f"{name} entry {item!r} is not a network; write it like 10.0.0.0/8 or fd00::/8")
+    try:
+        return str(ipaddress.ip_network(item.strip()))
+    except ValueError:
+        pass
+    try:
+        suggestion = ipaddress.ip_network(item.strip(), strict=False)
+    except ValueError:
+        raise vol.Invalid(
+            f"{name} entry {item!r} is not a network; write it like 10.0.0.0/8 or fd00::/8"
+        ) from None
+    raise vol.Invalid(f"{name} entry {item!r} has host bits set; did you mean {suggestion}?")
+
+
 SETTINGS_SCHEMA = vol.Schema(
     {
         vol.Optional(
@@ -143,6 +177,26 @@ SETTINGS_SCHEMA = vol.Schema(
                 "Refuse https:// endpoints whose certificate is not valid",
             ),
         ): vol.Boolean(msg="expected true or false"),
+        vol.Optional(
+            "allowed_networks",
+            default=list,
+            description=_form(
+                "Allowed networks",
+                "CIDRs callbacks may reach although refused by default (loopback 127.0.0.0/8 "
+                "and ::1/128, link-local 169.254.0.0/16 and fe80::/10, 0.0.0.0/8, multicast), "
+                "separated by commas, e.g. 127.0.0.0/8 for a receiver on this machine. "
+                "Private networks are allowed anyway; the driver's own ports never are",
+            ),
+        ): networks("allowed_networks"),
+        vol.Optional(
+            "denied_networks",
+            default=list,
+            description=_form(
+                "Denied networks",
+                "CIDRs callbacks may never reach, in addition to the default refusals; "
+                "wins over Allowed networks (e.g. 10.0.0.0/8 if no receiver is on the LAN)",
+            ),
+        ): networks("denied_networks"),
     }
 )
 

@@ -22,12 +22,14 @@ from datetime import timedelta
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 
+from driver_core.callback_policy import CallbackPolicy
 from driver_core.storage.health import first_line
 from driver_core.timefmt import utcnow
 
 from .config_flow import JITTER_FULL
-from .sender import Outcome, callback_body, post_callback, shown_url
+from .sender import GuardedResolver, Outcome, callback_body, post_callback, shown_url
 from .store import CallbackStore, PendingCallback
 
 _LOGGER = logging.getLogger(__name__)
@@ -51,10 +53,20 @@ def backoff_delay(
 
 class CallbackDelivery:
     def __init__(
-        self, store: CallbackStore, settings: dict[str, Any], on_change: Callable[[], None]
+        self,
+        store: CallbackStore,
+        settings: dict[str, Any],
+        on_change: Callable[[], None],
+        policy: CallbackPolicy,
+        resolver: AbstractResolver | None = None,
     ) -> None:
+        """`resolver` answers the name lookups (the system's by default); the policy's
+        refusals are applied to whatever it returns."""
         self._store = store
         self._settings = settings
+        self._policy = policy
+        self._resolver = resolver
+        self._connector: aiohttp.TCPConnector | None = None
         self._on_change = on_change
         self._slots = asyncio.Semaphore(settings["max_concurrency"])
         self._session: aiohttp.ClientSession | None = None
@@ -88,8 +100,21 @@ class CallbackDelivery:
             self._slots = asyncio.Semaphore(settings["max_concurrency"])
         self._settings = settings
 
+    @property
+    def policy(self) -> CallbackPolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: CallbackPolicy) -> None:
+        """Applies to the next connection; cached lookups were filtered by the old one."""
+        self._policy = policy
+        if self._connector is not None:
+            self._connector.clear_dns_cache()
+
     def start(self) -> None:
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        resolver = GuardedResolver(lambda: self._policy, self._resolver)
+        self._connector = aiohttp.TCPConnector(limit=0, resolver=resolver)
+        self._session = aiohttp.ClientSession(connector=self._connector)
         self._runner = asyncio.create_task(self._run(), name="callbacks-reader")
 
     def notify(self, event_id: int | None = None) -> None:
@@ -118,6 +143,7 @@ class CallbackDelivery:
         if self._session is not None:
             await self._session.close()
             self._session = None
+            self._connector = None
         self._on_change()
 
     # ---- reading owed callbacks --------------------------------------------------
@@ -248,6 +274,7 @@ class CallbackDelivery:
                 timeout_s=settings["timeout"],
                 hmac_secret=settings["hmac_secret"],
                 verify_tls=settings["verify_tls"],
+                policy=self._policy,
             )
 
     async def _persist(self, write: Callable[..., Awaitable[None]], *args: Any) -> None:

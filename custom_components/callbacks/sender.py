@@ -9,17 +9,24 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import ipaddress
 import json
+import socket
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import NamedTuple
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
+
+from driver_core.api.throttle import CALLBACK_AGENT
+from driver_core.callback_policy import CallbackPolicy
 
 SIGNATURE_HEADER = "X-Coap-Driver-Signature"
 TIMESTAMP_HEADER = "X-Coap-Driver-Timestamp"
-USER_AGENT = "coap-driver-callbacks/0.1"
+USER_AGENT = f"{CALLBACK_AGENT}0.1"  # the driver answers 403 to it, see throttle.py
 
 
 class Outcome(NamedTuple):
@@ -55,6 +62,45 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+class CallbackRefused(OSError):
+    """The callback's host resolves only to addresses the policy refuses (permanent)."""
+
+
+class GuardedResolver(AbstractResolver):
+    """The system resolver, with every address the callback policy refuses left out.
+
+    aiohttp connects only to what the resolver returns, so a name pointing at
+    loopback or at the metadata service is refused however it is spelled, and the
+    check costs nothing per request beyond the (cached) lookup itself.
+    """
+
+    def __init__(
+        self, policy: Callable[[], CallbackPolicy], inner: AbstractResolver | None = None
+    ) -> None:
+        self._policy = policy
+        self._inner = inner or aiohttp.DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        policy = self._policy()
+        allowed, refusals = [], []
+        for result in results:
+            address = ipaddress.ip_address(result["host"].split("%", 1)[0])
+            refusal = policy.address_refusal(address, port, host)
+            if refusal is None:
+                allowed.append(result)
+            else:
+                refusals.append(refusal)
+        if not allowed and refusals:
+            raise CallbackRefused(refusals[0])
+        return allowed
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 def shown_url(url: str) -> str:
     """`url` for logs: without credentials, query or fragment (they may hold tokens)."""
     try:
@@ -79,9 +125,14 @@ async def post_callback(
     timeout_s: float,
     hmac_secret: str = "",
     verify_tls: bool = True,
+    policy: CallbackPolicy | None = None,
 ) -> Outcome:
-    """POST `body` to `url` once; 2xx is delivered, anything else a reason to retry."""
-    problem = url_problem(url)
+    """POST `body` to `url` once; 2xx is delivered, anything else a reason to retry.
+
+    `policy` refuses a literal address here (aiohttp resolves names only); names are
+    checked by the session's GuardedResolver. Redirects are never followed.
+    """
+    problem = url_problem(url) or (policy.url_refusal(url) if policy is not None else None)
     if problem:
         return Outcome(False, problem, permanent=True)
     try:
@@ -98,6 +149,10 @@ async def post_callback(
             return Outcome(False, f"HTTP {response.status}")
     except TimeoutError:
         return Outcome(False, f"timeout after {timeout_s:g} s")
+    except aiohttp.ClientConnectorDNSError as exc:
+        if isinstance(exc.os_error, CallbackRefused):
+            return Outcome(False, str(exc.os_error), permanent=True)
+        return Outcome(False, describe_error(exc))
     except aiohttp.ClientError as exc:
         return Outcome(False, describe_error(exc))
 

@@ -154,7 +154,10 @@ DOWNLINK_BODY = vol.Schema(
         ): COMMAND_ID,
         vol.Optional(
             "callback_url",
-            description="http(s) URL that receives a POST on every state change",
+            description="http(s) URL that receives a POST on every state change. Loopback, "
+            "link-local (169.254.0.0/16, fe80::/10), 0.0.0.0/8, multicast and the driver's "
+            "own ports are refused with 400 callback_refused unless the callbacks "
+            "integration's allowed_networks lists them; private networks are accepted",
         ): vol.Any(
             None,
             vol.All(

@@ -13,6 +13,12 @@ token of its bucket (driver_core/rate_limit.py). With no token left:
 
 The address is the TCP peer's: behind a reverse proxy every client shares the
 proxy's budget (forwarded headers are not trusted, anyone can write them).
+
+A request with the driver's own callback User-Agent is a callback that found
+its way back to the driver (through a proxy or a port forward: direct ones are
+refused before they connect, driver_core/callback_policy.py). It gets 403 at
+once and costs nothing, so callbacks can never lock the admin out. Anyone can
+send that User-Agent, but it only earns a 403: no token or password is checked.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from .docs_page import is_public
 from .errors import Handler, error_response
 
 LOGIN_PATH = "/login"
+CALLBACK_AGENT = "coap-driver-callbacks/"  # custom_components/callbacks/sender.py USER_AGENT
 TOKEN_PATHS = ("/metrics", "/ops/logging")  # operator endpoints, outside /api/
 
 
@@ -64,11 +71,23 @@ def too_many(kind: str, retry_after: int) -> web.Response:
     )
 
 
+def own_callback() -> web.Response:
+    """The 403 for the driver's own callback: never authenticated, never counted."""
+    return error_response(
+        403,
+        "own_callback",
+        "this is the coap-driver's own callback: the driver does not post callbacks to itself; "
+        "point callback_url at the receiving application",
+    )
+
+
 def auth_throttle(buckets: TokenBuckets) -> Any:
     """The middleware; `buckets` counts failed authentications per client address."""
 
     @web.middleware
     async def throttle(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.headers.get("User-Agent", "").startswith(CALLBACK_AGENT):
+            return own_callback()
         kind = _guarded(request) if buckets.enabled else None
         if kind is None:
             return await handler(request)

@@ -82,6 +82,8 @@ def describe(schema: vol.Schema) -> list[FormField]:
 def _shown(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):  # e.g. networks: shown as the comma-separated text they accept
+        return ", ".join(str(item) for item in value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
