@@ -3,7 +3,7 @@
 A backup is one ``.tar.gz``:
 
 * ``manifest.json``: format, driver version, schema revision, database kind,
-  tables with their row counts and column kinds;
+  tables with their row counts and column kinds, the sha256 of every other member;
 * ``config/...``: the configuration directory (configuration.yaml, secrets.yaml,
   custom components, ``.storage/secret.key``, the broker credentials) without
   the SQLite database files;
@@ -12,8 +12,10 @@ A backup is one ``.tar.gz``:
   ``database/<table>.jsonl`` (PostgreSQL: a logical dump of our tables through
   SQLAlchemy, in one REPEATABLE READ, read-only transaction: a consistent snapshot).
 
-Restoring puts the configuration back, rebuilds the database (the backup's
-schema revision, its rows, then the migrations up to this release) and then
+Restoring validates the whole archive first, in a staging directory (see the
+restore section below), so a failed restore changes nothing. It puts the
+configuration back, rebuilds the database (the backup's schema revision, its
+rows, then the migrations up to this release) and
 makes sure no device can reuse an OSCORE context with old sequence numbers
 (RFC 8613 B.1): the snapshot's replay windows are older than what devices sent
 since, so every security context is dropped, and the key that signs JOIN R2
@@ -64,9 +66,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import __version__
 from .config import CoreConfig
-from .permissions import create_private_file
+from .permissions import create_private_file, private_dir
 from .runstate import LOCK_FILE, RunLock, renew_join_epoch
 from .storage.db import (
+    SQLITE_SUFFIXES,
     DatabaseError,
     _upgrade_sync,
     alembic_config,
@@ -91,7 +94,6 @@ BATCH = 1000
 _SKIP_NAMES = {"__pycache__"}
 _WORK_PREFIX = ".coap-driver-backup-"
 _RESTORE_PREFIX = ".coap-driver-restore-"
-_SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 
 
 class BackupError(Exception):
@@ -307,7 +309,7 @@ async def create_backup(config: CoreConfig, target: Path) -> BackupReport:
     exclude = {target, config_dir / STORAGE_DIR / LOCK_FILE}
     if dialect == "sqlite":
         base = _sqlite_path(url)
-        exclude |= {Path(f"{base}{suffix}") for suffix in _SQLITE_SUFFIXES}
+        exclude |= {Path(f"{base}{suffix}") for suffix in SQLITE_SUFFIXES}
     with tempfile.TemporaryDirectory(prefix=_WORK_PREFIX, dir=target.parent) as work:
         workdir = Path(work)
         if dialect == "sqlite":
@@ -522,6 +524,8 @@ def _extract_verified(archive: tarfile.TarFile, member: tarfile.TarInfo, target:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
             out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())  # durable before it replaces a live file
     return digest.hexdigest()
 
 
@@ -717,6 +721,7 @@ async def restore_backup(
     """
     source = Path(source).expanduser().resolve()  # noqa: ASYNC240 (a one-shot command)
     config_dir = Path(config_dir).resolve()  # noqa: ASYNC240
+    private_dir(config_dir)  # a fresh installation restored from its backup
     lock = RunLock(config_dir)
     lock.acquire_exclusive()
     try:
@@ -736,7 +741,8 @@ async def _restore(config_dir: Path, source: Path, database_url: str | None) -> 
         check = _check_sqlite_snapshot if staged.manifest["database"] == "sqlite" else _check_table_dumps
         secrets = await asyncio.to_thread(check, staged, source)
         await asyncio.to_thread(_check_key, staged, secrets, source)
-        url = normalize_url(database_url) if database_url else _staged_database_url(staged, config_dir, source)
+        url = _staged_database_url(staged, config_dir, source)  # the configuration loads
+        url = normalize_url(database_url) if database_url else url
         (roots[0] / "kept").mkdir(mode=0o700)
         swap = _Swap(roots[0] / "kept")
         try:
@@ -794,7 +800,7 @@ async def _restore_sqlite(
     else:
         create_private_file(built)
     counts, dropped = await _fill(url.set(database=str(built)), mask_url(url), staged)
-    for suffix in _SQLITE_SUFFIXES[1:]:
+    for suffix in SQLITE_SUFFIXES[1:]:
         swap.set_aside(Path(f"{target}{suffix}"))
     swap.put(built, target)
     return counts, dropped
@@ -805,6 +811,8 @@ def _copy_private(source: Path, target: Path) -> None:
     with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
         os.fchmod(out.fileno(), 0o600)
         shutil.copyfileobj(src, out)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _drop_ours_sync(conn: Connection, names: set[str]) -> None:

@@ -85,6 +85,7 @@ def tighten(config_dir: Path, extra: Iterable[Path] = ()) -> list[str]:
             _tighten_one(Path(root) / name, changed)
     for path in extra:
         _tighten_one(Path(path), changed)
+    changed = sorted(set(changed))
     if changed:
         _LOGGER.warning(
             "Made %d files and directories readable by their owner only (they were readable "
