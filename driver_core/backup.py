@@ -673,16 +673,17 @@ class _Swap:
         self._keep_dir = keep_dir
         self._undo: list[Callable[[], None]] = []
 
-    def put(self, staged: Path, live: Path) -> None:
+    def put(self, staged: Path, live: Path, keep_dir: Path | None = None) -> None:
+        """Move `staged` to `live`; `keep_dir` (default: the swap's) is on `live`'s filesystem."""
         self._make_dirs(live.parent)
-        self.set_aside(live)
+        self.set_aside(live, keep_dir)
         os.replace(staged, live)
         self._undo.append(lambda: os.unlink(live))
 
-    def set_aside(self, live: Path) -> None:
+    def set_aside(self, live: Path, keep_dir: Path | None = None) -> None:
         if not (live.exists() or live.is_symlink()):
             return
-        kept = self._keep_dir / str(len(self._undo))
+        kept = (keep_dir or self._keep_dir) / f"kept-{len(self._undo)}"
         os.replace(live, kept)
         self._undo.append(lambda: os.replace(kept, live))
 
@@ -800,9 +801,9 @@ async def _restore_sqlite(
     else:
         create_private_file(built)
     counts, dropped = await _fill(url.set(database=str(built)), mask_url(url), staged)
-    for suffix in SQLITE_SUFFIXES[1:]:
-        swap.set_aside(Path(f"{target}{suffix}"))
-    swap.put(built, target)
+    for suffix in SQLITE_SUFFIXES[1:]:  # a -wal of the old database must not meet the new one
+        swap.set_aside(Path(f"{target}{suffix}"), roots[-1])
+    swap.put(built, target, roots[-1])
     return counts, dropped
 
 
@@ -909,7 +910,7 @@ async def _fill(url: URL, shown: str, staged: _Staged) -> tuple[dict[str, int], 
         rows_of = lambda name: _rows_from_sqlite(snapshot, name)  # noqa: E731
     else:
         rows_of = lambda name: _rows_from_jsonl(staged.root / f"{TABLE_PREFIX}{name}.jsonl")  # noqa: E731
-    ours = set(await tables_at("head")) | set(tables)
+    ours = set() if copied else set(await tables_at("head")) | set(tables)
     try:
         async with _engine(url) as engine, engine.begin() as conn:
             if copied:
