@@ -51,7 +51,7 @@ def create_private_file(path: Path) -> bool:
     return True
 
 
-def open_private(path: Path, mode: str = "wb") -> int:
+def open_private(path: Path) -> int:
     """A new owner-only file for writing (truncated if it exists); returns its descriptor."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
     os.fchmod(fd, FILE_MODE)
