@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,6 +20,7 @@ import voluptuous as vol
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from .permissions import open_private, private_dir
 from .yaml_loader import YamlError, format_location, load_yaml, locate, to_plain
 
 CONFIG_FILE = "configuration.yaml"
@@ -363,8 +365,9 @@ def ensure_config_dir(config_dir: Path) -> bool:
     if config_dir.exists() and not config_dir.is_dir():
         raise ConfigError("exists but is not a directory", config_dir)
     try:
-        config_dir.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(default_configuration(), encoding="utf-8")
+        private_dir(config_dir)  # it will hold the database and the secret key
+        with os.fdopen(open_private(config_file), "w", encoding="utf-8") as handle:
+            handle.write(default_configuration())
     except OSError as err:
         problem = f"cannot create the default configuration: {err.strerror or err}"
         raise ConfigError(problem, config_file) from err

@@ -26,12 +26,13 @@ from .integrations import IntegrationManager
 from .join_tokens import JoinTokens
 from .metrics import Metrics, TimedCore
 from .ops_http import ops_middleware
+from .permissions import tighten
 from .rate_limit import CoapGate, TokenBuckets
 from .refusals import Refusals
 from .runstate import RunLock, join_token_key
 from .runtime import StopSignals
 from .security import DeviceCredentials
-from .storage.db import Database
+from .storage.db import Database, sqlite_files
 from .storage.secretbox import SecretBox
 from .tasks import cancel_and_wait
 from .web import setup_web
@@ -115,6 +116,7 @@ class Driver:
 
     async def _start(self) -> None:
         config = self.config or self.load()
+        tighten(self.config_dir, sqlite_files(config.database["url"]))  # older releases: 0644
         self.box = SecretBox.load_or_create(self.config_dir)
         self._run_lock = RunLock(self.config_dir)  # `coap-driver restore` waits for no driver
         self._run_lock.acquire_shared()

@@ -99,10 +99,10 @@ def revisions_in_order() -> list[str]:
 async def _current(url: Any) -> str | None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from .storage.db import DatabaseError, _check_sqlite_location, _reason
+    from .storage.db import DatabaseError, _reason, prepare_sqlite_file
 
     if url.get_backend_name() == "sqlite":
-        _check_sqlite_location(url, mask_url(url))
+        prepare_sqlite_file(url, mask_url(url))
     engine = create_async_engine(url)
     try:
         return await current_revision(engine)

@@ -24,6 +24,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from driver_core.errors import RequestRefused
+from driver_core.permissions import open_private, private_dir
 from driver_core.storage.db import Database
 from driver_core.storage.models import Device
 from driver_core.timefmt import utcnow, zulu_millis
@@ -141,12 +142,12 @@ async def receive_image(
     Raises FirmwareError 413 beyond `max_bytes`, 400 for an empty image.
     """
     directory = firmware_dir(config_dir)
-    directory.mkdir(parents=True, exist_ok=True)
+    private_dir(directory)
     partial = directory / f".upload-{uuid.uuid4().hex}"
     digest = hashlib.sha256()
     size = 0
     try:
-        with partial.open("wb") as out:
+        with os.fdopen(open_private(partial), "wb") as out:  # owner-only, as the library
             async for chunk in chunks:
                 size += len(chunk)
                 if size > max_bytes:

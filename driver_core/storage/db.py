@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session
 
+from ..permissions import create_private_file
 from .health import WriteHealth, is_storage_failure
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
@@ -45,6 +46,7 @@ _ASYNC_DRIVERS = {
 }
 _SUPPORTED = {"sqlite+aiosqlite", "postgresql+asyncpg"}
 _PG_CONNECT_TIMEOUT_S = 10
+SQLITE_SUFFIXES = ("", "-wal", "-shm", "-journal")
 # PostgreSQL's read_only_sql_transaction: a hot standby, or default_transaction_read_only set.
 _PG_READ_ONLY = "25006"
 T = TypeVar("T")
@@ -242,7 +244,7 @@ class Database:
         shown = mask_url(url)
         kwargs: dict[str, Any] = {}
         if url.get_backend_name() == "sqlite":
-            _check_sqlite_location(url, shown)
+            prepare_sqlite_file(url, shown)
         elif "timeout" not in url.query:
             kwargs["connect_args"] = {"timeout": _PG_CONNECT_TIMEOUT_S}
         # Statement parameters carry settings (broker passwords) and device data: never
@@ -339,3 +341,25 @@ def _check_sqlite_location(url: URL, shown: str) -> None:
     parent = Path(database).expanduser().resolve().parent
     if not parent.is_dir():
         raise DatabaseError(f"cannot open database {shown}: directory {parent} does not exist")
+
+
+def prepare_sqlite_file(url: URL, shown: str) -> None:
+    """Check where the SQLite file goes and create it owner-only if it is new.
+
+    SQLite would create it with 0644 & ~umask, and gives its -wal/-shm files the
+    database file's mode: a file we create 0600 first keeps all three private.
+    """
+    _check_sqlite_location(url, shown)
+    create_private_file(Path(url.database or "").expanduser())
+
+
+def sqlite_files(url: str) -> list[Path]:
+    """The SQLite database file and its companions (-wal, -shm, -journal); [] for PostgreSQL."""
+    try:
+        parsed = normalize_url(url)
+    except DatabaseError:
+        return []  # Database.start() reports it
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database.startswith("file:"):
+        return []
+    base = Path(parsed.database).expanduser()
+    return [Path(f"{base}{suffix}") for suffix in SQLITE_SUFFIXES]
