@@ -8,9 +8,10 @@ at a time and expect the answer in the ACK, so this listener does just that:
 
 * decode with aiocoap's codec (`Message.decode`), once, also for the rate
   limiter's verdict;
-* deduplicate CON requests by (address, port, message id) with the bounded
-  `ResponseCache`: a retransmission gets the very datagram sent before, or
-  nothing while the first transmission is still being handled;
+* deduplicate CON requests with the bounded `ResponseCache`: an exact
+  retransmission (same address, port, message id, token and OSCORE option)
+  gets the very datagram sent before, or nothing while the first transmission
+  is still being handled; anything else is a new request;
 * render through the site (`DeviceSite`: OSCORE and the resources) and send
   the answer piggybacked in the ACK however long it took; a NON request gets
   a NON answer; a CON ping gets a RST; responses and stray ACKs are ignored.
@@ -32,7 +33,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 
 from . import refusals as why
-from .response_cache import ResponseCache
+from .response_cache import Key, ResponseCache
 
 if TYPE_CHECKING:
     from .rate_limit import CoapGate
@@ -43,6 +44,8 @@ _LOGGER = logging.getLogger(__name__)
 # overflows during a 50 ms pause of the event loop under a flood, dropping device
 # datagrams with the flood's. Linux caps the value at net.core.rmem_max.
 RECEIVE_BUFFER = 2 * 1024 * 1024
+# RFC 7252 §3: token lengths 9-15 are reserved, a message format error (aiocoap decodes them).
+MAX_TOKEN_LENGTH = 8
 
 
 class UdpRemote:
@@ -102,34 +105,34 @@ class CoapListener(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         remote = UdpRemote(addr)
-        try:
-            message = aiocoap.Message.decode(data, remote)
-        except Exception:  # the codec raises more than one type on hostile input
-            message = None
+        message = _decode(data, remote)
         if self.gate is not None and not self.gate.admit(message, remote.host):
             return
         if message is None:
             self._refusals.record(why.MALFORMED_DATAGRAM, remote=remote)
+            if _is_con_with_reserved_token_length(data):  # RFC 7252 §4.2: reject a CON with a RST
+                self._reset(int.from_bytes(data[2:4], "big"), addr)
             return
         if not message.code.is_request():
             if message.mtype is Type.CON:  # a ping, or a response we never asked for
-                reset = aiocoap.Message(code=Code.EMPTY)
-                reset.mtype, reset.mid = Type.RST, message.mid
-                self._send(reset, addr)
+                self._reset(message.mid, addr)
             return
+        key: Key | None = None
         if message.mtype is Type.CON:
-            duplicate, answer = self.cache.lookup(remote.host, remote.port, message.mid)
+            key = self.cache.key(remote.host, remote.port, message.mid, message.token, message.opt.oscore)
+            duplicate, answer = self.cache.lookup(key)
             if duplicate:
                 if answer is not None:
                     self.transport.sendto(answer, addr)  # type: ignore[union-attr]
                 return
         elif message.mtype is not Type.NON:
             return  # an ACK or RST cannot carry a request
-        task = asyncio.get_running_loop().create_task(self._serve(message, remote))
+        task = asyncio.get_running_loop().create_task(self._serve(message, remote, key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, request: aiocoap.Message, remote: UdpRemote) -> None:
+    async def _serve(self, request: aiocoap.Message, remote: UdpRemote, key: Key | None) -> None:
+        """Render `request` and send its answer; a CON's (`key`: its cache key) is kept for retransmissions."""
         pipe = OneShotPipe(request)
         try:
             await self._site.render_to_pipe(pipe)
@@ -147,8 +150,13 @@ class CoapListener(asyncio.DatagramProtocol):
         else:
             response.mtype, response.mid = Type.NON, self._mid()
         datagram = self._send(response, remote.sockaddr)
-        if datagram is not None and request.mtype is Type.CON:
-            self.cache.remember(remote.host, remote.port, request.mid, datagram)
+        if datagram is not None and key is not None:
+            self.cache.remember(key, datagram)
+
+    def _reset(self, mid: int, addr: tuple[Any, ...]) -> None:
+        reset = aiocoap.Message(code=Code.EMPTY)
+        reset.mtype, reset.mid = Type.RST, mid
+        self._send(reset, addr)
 
     def _mid(self) -> int:
         self._next_mid = (self._next_mid + 1) & 0xFFFF
@@ -188,6 +196,21 @@ class CoapListener(asyncio.DatagramProtocol):
         finally:  # also when a second signal cancels the wait
             await self.close()
         return len(pending)
+
+
+def _decode(data: bytes, remote: UdpRemote) -> aiocoap.Message | None:
+    """The message in `data`, or None for a format error (also a reserved token length)."""
+    if data and data[0] & 0x0F > MAX_TOKEN_LENGTH:
+        return None
+    try:
+        return aiocoap.Message.decode(data, remote)
+    except Exception:  # the codec raises more than one type on hostile input
+        return None
+
+
+def _is_con_with_reserved_token_length(data: bytes) -> bool:
+    """A CoAP version 1 CON header (4 bytes) whose token length is reserved."""
+    return len(data) >= 4 and data[0] & 0xF0 == 0x40 and data[0] & 0x0F > MAX_TOKEN_LENGTH
 
 
 async def start_listener(site: Any, refusals: Refusals, host: str, port: int) -> CoapListener:

@@ -94,10 +94,13 @@ async def exchange(
                     answer = aiocoap.Message.decode(data)
                 except aiocoap.error.UnparsableMessage:
                     continue
+                # RFC 7252 §5.3.2: the ACK matches by message id, the response by token. A
+                # port reused from another exchange can bring that exchange's late answer.
                 if answer.mtype == Type.ACK and answer.mid == request.mid:
-                    if answer.code != Code.EMPTY:
+                    if answer.code == Code.EMPTY:
+                        deadline = loop.time() + 60  # separate response follows
+                    elif answer.token == request.token:
                         return answer
-                    deadline = loop.time() + 60  # separate response follows
                 elif answer.token == request.token and answer.mtype in (Type.CON, Type.NON):
                     if answer.mtype == Type.CON:
                         ack = aiocoap.Message(code=Code.EMPTY)

@@ -9,6 +9,12 @@ size x devices (200 devices x 256 KiB: ~175 MiB) until the entries expire.
 
 This store keeps what a retransmission needs, and no more:
 
+* a retransmission is the same message again, so it matches exactly: same
+  address, port and message id, same token and same OSCORE option (hence the
+  same kid and Partial IV). Any other request is new, even with the same
+  address, port and message id: behind a carrier-grade NAT many devices share
+  an address and ports are reused, and a random message id then repeats
+  within the lifetime (birthday bound; 200 devices x 256 blocks hit it);
 * keys live `lifetime` seconds (default 60: a device retransmits a CON for at
   most MAX_TRANSMIT_SPAN = 45 s, and it uses a new port, hence new keys,
   for every new exchange); they expire in arrival order, without timers;
@@ -30,12 +36,16 @@ DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_KEYS = 200_000
 
 
+# (host, port << 16 | message id, token, OSCORE option or None): what a retransmission repeats.
+Key = tuple[str, int, bytes, bytes | None]
+
+
 class ResponseCache:
     """The listener's memory of recent CON requests and the datagrams that answered them.
 
-    A key is (host, port << 16 | message id) with one shared string per host,
-    its value the expiry time: about 200 bytes per request, no timer, no
-    address object.
+    A key (`key()`) holds one shared string per host and the request's token
+    and OSCORE option as decoded; its value is the expiry time: about 300
+    bytes per request, no timer, no address object.
     """
 
     def __init__(
@@ -49,8 +59,8 @@ class ResponseCache:
         self.max_bytes = max_bytes
         self.max_keys = max_keys
         self._clock = clock
-        self._keys: OrderedDict[tuple[str, int], float] = OrderedDict()  # key -> expiry
-        self._stored: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._keys: OrderedDict[Key, float] = OrderedDict()  # key -> expiry
+        self._stored: OrderedDict[Key, bytes] = OrderedDict()
         self._hosts: dict[str, str] = {}
         self.bytes = 0
         self.duplicates = 0
@@ -58,8 +68,9 @@ class ResponseCache:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def _key(self, host: str, port: int, mid: int) -> tuple[str, int]:
-        return (self._hosts.setdefault(host, host), (port << 16) | mid)
+    def key(self, host: str, port: int, mid: int, token: bytes, oscore: bytes | None) -> Key:
+        """What a retransmission of this request repeats exactly (`oscore`: the raw option value)."""
+        return (self._hosts.setdefault(host, host), (port << 16) | mid, token, oscore)
 
     def _expire(self, now: float) -> None:
         keys = self._keys
@@ -74,20 +85,18 @@ class ResponseCache:
         if not keys:
             self._hosts.clear()
 
-    def lookup(self, host: str, port: int, mid: int) -> tuple[bool, bytes | None]:
+    def lookup(self, key: Key) -> tuple[bool, bytes | None]:
         """(duplicate?, the answer to send again if kept); a new request is remembered."""
         now = self._clock()
         self._expire(now)
-        key = self._key(host, port, mid)
         if key in self._keys:
             self.duplicates += 1
             return True, self._stored.get(key)
         self._keys[key] = now + self.lifetime
         return False, None
 
-    def remember(self, host: str, port: int, mid: int, datagram: bytes) -> None:
+    def remember(self, key: Key, datagram: bytes) -> None:
         """Keep the answer to a CON request for its retransmissions."""
-        key = self._key(host, port, mid)
         if key not in self._keys or key in self._stored:
             return
         self._stored[key] = datagram

@@ -510,18 +510,23 @@ async def test_200_concurrent_downloads_do_not_grow_the_driver_with_image_size(t
 def test_response_cache_answers_duplicates_and_stays_bounded():
     now = [0.0]
     cache = ResponseCache(lifetime=60, max_bytes=3000, clock=lambda: now[0])
-    assert cache.lookup("127.0.0.1", 1000, 1) == (False, None)
-    assert cache.lookup("127.0.0.1", 1000, 1) == (True, None)  # being handled: no answer yet
-    cache.remember("127.0.0.1", 1000, 1, b"x" * 1000)
-    assert cache.lookup("127.0.0.1", 1000, 1) == (True, b"x" * 1000)
-    assert cache.lookup("127.0.0.1", 1001, 1) == (False, None)  # another port: new
+    first = cache.key("127.0.0.1", 1000, 1, b"t", b"\x09\x01")
+    assert cache.lookup(first) == (False, None)
+    assert cache.lookup(first) == (True, None)  # being handled: no answer yet
+    cache.remember(first, b"x" * 1000)
+    assert cache.lookup(cache.key("127.0.0.1", 1000, 1, b"t", b"\x09\x01")) == (True, b"x" * 1000)
+    assert cache.lookup(cache.key("127.0.0.1", 1001, 1, b"t", b"\x09\x01")) == (False, None)  # another port
+    assert cache.lookup(cache.key("127.0.0.1", 1000, 1, b"u", b"\x09\x01")) == (False, None)  # another token
+    assert cache.lookup(cache.key("127.0.0.1", 1000, 1, b"t", b"\x09\x02")) == (False, None)  # another PIV
+    assert cache.lookup(cache.key("127.0.0.1", 1000, 1, b"t", None)) == (False, None)  # no OSCORE
     for mid in range(2, 6):  # three answers fit the byte budget; the oldest go
-        cache.lookup("127.0.0.1", 1000, mid)
-        cache.remember("127.0.0.1", 1000, mid, b"y" * 1000)
+        key = cache.key("127.0.0.1", 1000, mid, b"t", None)
+        cache.lookup(key)
+        cache.remember(key, b"y" * 1000)
     assert cache.bytes <= 3000
-    assert cache.lookup("127.0.0.1", 1000, 1) == (True, None)  # known, answer dropped
+    assert cache.lookup(first) == (True, None)  # known, answer dropped
     now[0] = 61.0
-    assert cache.lookup("127.0.0.1", 1000, 1) == (False, None)  # expired: new again
+    assert cache.lookup(first) == (False, None)  # expired: new again
     assert len(cache) == 1 and cache.bytes == 0
 
 
