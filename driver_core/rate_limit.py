@@ -45,7 +45,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 
 from . import refusals as why
-from .oscore_context import kid_context_matches
+from .oscore_context import kid_context_matches, oscore_fields
 
 if TYPE_CHECKING:
     from .coap_transport import CoapListener
@@ -276,8 +276,8 @@ class CoapGate:
                 return Verdict.SERVE  # may answer a separate response of ours
             return Verdict.FOREIGN
         try:
-            unprotected = oscore.verify_start(message)
-        except Exception:  # unprotected, or an OSCORE option that does not decode
+            unprotected = oscore_fields(message)
+        except (oscore.NotAProtectedMessage, oscore.DecodeError):  # unprotected, or a bad option
             return Verdict.SUSPECT
         kid = unprotected.get(oscore.COSE_KID)
         state = self._credentials.cached(kid) if isinstance(kid, bytes) else None

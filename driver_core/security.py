@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from aiocoap.oscore import COSE_KID, COSE_KID_CONTEXT, ReplayError
+from aiocoap.error import UnparsableMessage
+from aiocoap.oscore import COSE_KID, COSE_KID_CONTEXT, DecodeError, ProtectionInvalid, ReplayError
 from sqlalchemy import func, select
 
 from . import refusals as why
@@ -103,6 +104,12 @@ class DeviceContext(PairwiseContext):
                     serial=self.device.serial,
                 )
             raise
+        except ProtectionInvalid:
+            raise
+        except (UnparsableMessage, ValueError) as exc:
+            # aiocoap decodes the inner options after the MAC check: a device with the key
+            # (or a bug in its stack) can send a Uri-Path that is not UTF-8, a reserved length.
+            raise DecodeError(f"inner options do not decode: {exc}") from None
         # The cluster check (driver_core.writer) compares it with the shared replay window.
         unprotected.oscore_seqno = int.from_bytes(seqno.partial_iv, "big")
         return unprotected, seqno
