@@ -104,7 +104,8 @@ class DeviceSite(OscoreSiteWrapper):
             self._refusals.record(why.MALFORMED_OSCORE, remote=request.remote, kid=kid, serial=state.serial)
             raise
         except error.BadRequest:
-            self._refusals.record(why.DECRYPTION_FAILED, remote=request.remote, kid=kid, serial=state.serial)
+            if not self._refusals.decryption_failed(request.remote, kid, state.serial):
+                return  # over the kid's or the source's budget: verified, counted, unanswered
             raise
 
     async def _render_or_reload(self, pipe, state: DeviceState) -> None:
