@@ -595,5 +595,6 @@ async def test_after_the_fuzzing_a_genuine_uplink_still_works(target: Target) ->
     assert all(m.topic.endswith("/F0000001/uplink") for m in messages)
     assert target.tracebacks.bad == []
     assert target.driver.refusals.counts["rate_limited"] == 0
+    assert target.driver.refusals.counts["decryption_failed_unanswered"] == 0  # every one answered
     print(f"\nfuzzed datagrams sent: {len(target.sent)}, largest {max(target.sent)} bytes; "
           f"refusals: {dict(sorted(target.driver.refusals.counts.items()))}")
