@@ -28,7 +28,7 @@ STORAGE = "storage_unavailable"
 JOIN_FIRST = "join_first"  # a data request under a context that exists only for the JOIN
 # A datagram dropped unanswered: its source is over its refusal budget (driver_core/rate_limit.py).
 RATE_LIMITED = "rate_limited"
-# A request that failed verification, left unanswered: its kid is over its budget of those.
+# A request that failed verification, left unanswered: its kid or its source is over its budget of those.
 DECRYPTION_FAILED_UNANSWERED = "decryption_failed_unanswered"
 
 
