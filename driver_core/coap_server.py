@@ -27,6 +27,7 @@ from . import refusals as why
 from .coap_transport import CoapListener, start_listener
 from .family import PayloadDecodeError
 from .fota.blockwise import OCTET_STREAM, BlockOutOfRange, negotiate
+from .oscore_context import oscore_fields
 from .security import DeviceContext, DeviceCredentials, DeviceState, PossiblyStaleContext
 from .shared_answers import CURRENT_SEAL, AnswerSeal, Retransmission, request_digest
 from .storage.health import first_line
@@ -82,11 +83,11 @@ class DeviceSite(OscoreSiteWrapper):
     async def render_to_pipe(self, pipe):
         request = pipe.request
         try:
-            unprotected = oscore.verify_start(request)
+            unprotected = oscore_fields(request)
         except oscore.NotAProtectedMessage:
             self._refusals.record(why.UNPROTECTED, remote=request.remote)
             raise error.Unauthorized("OSCORE required") from None
-        except (oscore.DecodeError, IndexError):  # aiocoap: IndexError for a flag with no bytes after it
+        except oscore.DecodeError:
             self._refusals.record(why.MALFORMED_OSCORE, remote=request.remote)
             raise error.BadOption("Failed to decode COSE") from None
         kid = unprotected.get(oscore.COSE_KID)
@@ -111,7 +112,8 @@ class DeviceSite(OscoreSiteWrapper):
             self._refusals.record(why.MALFORMED_OSCORE, remote=request.remote, kid=kid, serial=state.serial)
             raise
         except error.BadRequest:
-            self._refusals.record(why.DECRYPTION_FAILED, remote=request.remote, kid=kid, serial=state.serial)
+            if not self._refusals.decryption_failed(request.remote, kid, state.serial):
+                return  # over the kid's or the source's budget: verified, counted, unanswered
             raise
 
     async def _render_or_reload(self, pipe, state: DeviceState) -> None:
@@ -151,7 +153,7 @@ class DeviceSite(OscoreSiteWrapper):
         if request.code not in (Code.FETCH, Code.POST):
             raise error.MethodNotAllowed()
         try:
-            context = self._credentials.find_oscore(oscore.verify_start(request))
+            context = self._credentials.find_oscore(oscore_fields(request))
         except KeyError:
             raise error.Unauthorized("Security context not found") from None
         try:

@@ -27,6 +27,30 @@ AEAD = oscore.algorithms["AES-CCM-16-64-128"]  # COSE 10, as PROTOCOL.md require
 REPLAY_WINDOW = 32
 DRIVER_SENDER_ID = b""  # the driver's own Sender ID
 _OPTION_FLAG_KID_CONTEXT = 0x10  # the 'h' bit of the OSCORE option (RFC 8613 §6.1)
+MAX_PIV_LENGTH = 5  # RFC 8613 §6.1: Partial IV lengths 6 and 7 are reserved
+
+
+def check_option(option: bytes | None) -> None:
+    """Refuse what aiocoap's option parser lets through and then trips over.
+
+    RFC 8613 §6.1 reserves Partial IV lengths 6 and 7; aiocoap would build a nonce
+    of the wrong size from them and fail an assertion (a 5.00) once a context is
+    found. One byte test: the hot path pays nothing else.
+    """
+    if option and option[0] & oscore.COMPRESSION_BITS_N > MAX_PIV_LENGTH:
+        raise oscore.DecodeError("Partial IV length uses a reserved value")
+
+
+def oscore_fields(message) -> dict:
+    """aiocoap's `verify_start`, strict: raises only NotAProtectedMessage or DecodeError.
+
+    The fields of the OSCORE option (kid, kid context, Partial IV) a context is chosen by.
+    """
+    check_option(message.opt.oscore)
+    try:
+        return oscore.verify_start(message)
+    except IndexError:  # aiocoap: a kid context flag with no length byte after it
+        raise oscore.DecodeError("kid context announced but not present") from None
 
 
 def wrap_kid_context(raw: bytes) -> bytes:
@@ -127,6 +151,7 @@ class PairwiseContext(oscore.CanProtect, oscore.CanUnprotect, oscore.SecurityCon
             self._on_seqno_increase()
 
     def _extract_encrypted0(self, message):  # type: ignore[override]
+        check_option(message.opt.oscore)
         protected_serialized, protected, unprotected, ciphertext = super()._extract_encrypted0(
             message
         )

@@ -16,6 +16,12 @@ a burst. A source with no token left is *over its budget*.
   they happen (`Refusals.on_refusal`). A request under the current context of a
   cached device never waits for a token: a device behind the same NAT as an
   abuser keeps working.
+* CoAP, decryption failures (`CoapGate.answers_decryption_failure`): the kid is
+  in clear, so forgeries naming a cached kid reach verification, from any
+  address. Each is verified; its failure is answered and logged within the
+  budget of its kid and of its source (same rate and burst), and past either
+  only counted (``decryption_failed_unanswered``), one line per kid per
+  `LOG_EVERY` s.
 * HTTP (`driver_core.api.throttle`): failed authentications (401) charge the
   client address; over budget, unauthenticated requests get 429 with Retry-After.
 
@@ -45,7 +51,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.types import Type
 
 from . import refusals as why
-from .oscore_context import kid_context_matches
+from .oscore_context import kid_context_matches, oscore_fields
 
 if TYPE_CHECKING:
     from .coap_transport import CoapListener
@@ -139,6 +145,16 @@ class TokenBuckets:
         bucket.prepaid += 1
         return True
 
+    def take(self, key: str) -> bool:
+        """One token for what happens now; False (nothing taken) when none is left."""
+        if not self.enabled:
+            return True
+        bucket = self._bucket(key)
+        if bucket.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        return True
+
     def refund(self, key: str) -> None:
         """A prepaid refusal that did not happen: the token goes back."""
         bucket = self._refilled(key)
@@ -154,9 +170,7 @@ class TokenBuckets:
 
     def note_drop(self, key: str) -> int | None:
         """Count a drop for `key`; the drops to log now (first one, then every LOG_EVERY s)."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            return None
+        bucket = self._bucket(key)
         bucket.dropped += 1
         now = self._clock()
         if now - bucket.logged < LOG_EVERY:
@@ -208,6 +222,8 @@ class CoapGate:
         self, buckets: TokenBuckets, refusals: Refusals, credentials: DeviceCredentials
     ) -> None:
         self.buckets = buckets
+        # Decryption failures answered per kid: the same budget as per source.
+        self.kid_buckets = TokenBuckets(buckets.rate, buckets.burst, buckets.max_sources, buckets._clock)
         self._refusals = refusals
         self._credentials = credentials
 
@@ -231,6 +247,44 @@ class CoapGate:
         listener.gate = self
         self._refusals.on_refusal = self.charge
         self._refusals.on_cleared = self.refund
+        self._refusals.on_decryption_failure = self.answers_decryption_failure
+
+    def answers_decryption_failure(self, remote: object, kid: bytes, serial: str | None) -> bool:
+        """A request naming `kid` failed verification: True to answer (and log) it as usual.
+
+        The kid travels in clear, so anyone can forge requests naming it, from any address;
+        the gate cannot tell them from the device's own. Each one is verified (a valid MAC
+        is always served). Past its source's budget, or its kid's (the same rate and burst),
+        a failure goes unanswered and is only counted, with one line per source or kid every
+        `LOG_EVERY` seconds. O(1): two dictionary lookups, on failures only.
+        """
+        host = host_of(remote)
+        key = source_key(host) if host is not None else None
+        kid_key = kid.hex()
+        if (key is None or not self.buckets.exhausted(key)) and self.kid_buckets.take(kid_key):
+            return True  # answered and logged; the refusal charges its source
+        if key is not None:
+            self.buckets.charge(key)  # a refusal of its source all the same
+        self._unanswered(kid_key, kid, serial)
+        return False
+
+    def _unanswered(self, kid_key: str, kid: bytes, serial: str | None) -> None:
+        """Count a failure left unanswered; one line per kid (not per source: sources can be
+        spoofed by the million) every `LOG_EVERY` seconds."""
+        dropped = self.kid_buckets.note_drop(kid_key)
+        if dropped is None:
+            self._refusals.count(why.DECRYPTION_FAILED_UNANSWERED)
+            return
+        self._refusals.record(
+            why.DECRYPTION_FAILED_UNANSWERED,
+            kid=kid,
+            serial=serial,
+            detail=(
+                f"kid {kid_key} or its sources over the decryption-failure budget "
+                f"({self.kid_buckets.rate:g}/s, burst {self.kid_buckets.burst} each): {dropped} "
+                "request(s) failed verification and went unanswered since the last line"
+            ),
+        )
 
     def admit(self, message: aiocoap.Message | None, host: str) -> bool:
         """Whether the listener handles a datagram (`message` None: it did not decode)."""
@@ -276,8 +330,8 @@ class CoapGate:
                 return Verdict.SERVE  # may answer a separate response of ours
             return Verdict.FOREIGN
         try:
-            unprotected = oscore.verify_start(message)
-        except Exception:  # unprotected, or an OSCORE option that does not decode
+            unprotected = oscore_fields(message)
+        except (oscore.NotAProtectedMessage, oscore.DecodeError):  # unprotected, or a bad option
             return Verdict.SUSPECT
         kid = unprotected.get(oscore.COSE_KID)
         state = self._credentials.cached(kid) if isinstance(kid, bytes) else None

@@ -28,6 +28,8 @@ STORAGE = "storage_unavailable"
 JOIN_FIRST = "join_first"  # a data request under a context that exists only for the JOIN
 # A datagram dropped unanswered: its source is over its refusal budget (driver_core/rate_limit.py).
 RATE_LIMITED = "rate_limited"
+# A request that failed verification, left unanswered: its kid or its source is over its budget of those.
+DECRYPTION_FAILED_UNANSWERED = "decryption_failed_unanswered"
 
 
 class Refusals:
@@ -37,6 +39,8 @@ class Refusals:
         self.on_refusal: Callable[[object], None] | None = None
         # Told the remote of a request that looked refusable but was not (driver_core/rate_limit.py).
         self.on_cleared: Callable[[object], None] | None = None
+        # Asked whether a failed verification is answered (driver_core/rate_limit.py).
+        self.on_decryption_failure: Callable[[object, bytes, str | None], bool] | None = None
 
     def count(self, reason: str) -> None:
         """Count without a log line: a flood must not turn into a flood of log lines."""
@@ -46,6 +50,15 @@ class Refusals:
         """A request naming a kid the driver had not cached came from an enrolled device."""
         if self.on_cleared is not None:
             self.on_cleared(remote)
+
+    def decryption_failed(self, remote: object, kid: bytes, serial: str | None) -> bool:
+        """A request failed verification: recorded when answered; False: over budget, leave
+        it unanswered (counted by the limiter, no line of its own)."""
+        hook = self.on_decryption_failure
+        if hook is not None and not hook(remote, kid, serial):
+            return False
+        self.record(DECRYPTION_FAILED, remote=remote, kid=kid, serial=serial)
+        return True
 
     def record(
         self, reason: str, *, remote: object = None, kid: bytes | None = None, serial: str | None = None, detail: str = ""

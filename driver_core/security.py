@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from aiocoap.oscore import COSE_KID, COSE_KID_CONTEXT, ReplayError
+from aiocoap.error import UnparsableMessage
+from aiocoap.oscore import COSE_KID, COSE_KID_CONTEXT, DecodeError, ProtectionInvalid, ReplayError
 from sqlalchemy import func, select
 
 from . import refusals as why
@@ -86,6 +88,8 @@ class DeviceContext(PairwiseContext):
         self.phase = phase
         self.r2_ms = 0
         self.join_answer: JoinAnswerContext | None = None
+        # C1 only: builds C2 once step 1 verified (a forgery must not cost an R2 and a derivation).
+        self.answer_factory: Callable[[], JoinAnswerContext] | None = None
         self.seq_reserved = self.sender_sequence_number
 
     refusals: Refusals | None = None
@@ -103,11 +107,19 @@ class DeviceContext(PairwiseContext):
                     serial=self.device.serial,
                 )
             raise
+        except ProtectionInvalid:
+            raise
+        except (UnparsableMessage, ValueError) as exc:
+            # aiocoap decodes the inner options after the MAC check: a device with the key
+            # (or a bug in its stack) can send a Uri-Path that is not UTF-8, a reserved length.
+            raise DecodeError(f"inner options do not decode: {exc}") from None
         # The cluster check (driver_core.writer) compares it with the shared replay window.
         unprotected.oscore_seqno = int.from_bytes(seqno.partial_iv, "big")
         return unprotected, seqno
 
     def context_for_response(self):
+        if self.join_answer is None and self.answer_factory is not None:
+            self.join_answer = self.answer_factory()
         return self.join_answer if self.join_answer is not None else self
 
     def post_seqnoincrease(self) -> None:
@@ -293,8 +305,13 @@ class DeviceCredentials:
     def _join_step1(self, state: DeviceState, r1: bytes) -> DeviceContext:
         c1 = DeviceContext(state, "join1", r1)
         c1.refusals = self._refusals
+        c1.answer_factory = lambda: self._join_answer(state, r1)
+        return c1
+
+    def _join_answer(self, state: DeviceState, r1: bytes) -> JoinAnswerContext:
+        """C2 with a fresh R2, for the answer to a step 1 that verified."""
         r2 = self.tokens.issue(state.kid)
-        c1.join_answer = JoinAnswerContext(
+        return JoinAnswerContext(
             r2=r2,
             sender_id=DRIVER_SENDER_ID,
             recipient_id=state.kid,
@@ -302,7 +319,6 @@ class DeviceCredentials:
             master_secret=state.master_secret,
             master_salt=state.master_salt,
         )
-        return c1
 
     def _join_step3(self, state: DeviceState, r2r3: bytes) -> DeviceContext:
         issued_ms = self.tokens.verify(state.kid, r2r3[:R2_LENGTH])

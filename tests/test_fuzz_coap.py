@@ -36,6 +36,8 @@ from hypothesis import strategies as st
 from driver_core.device_client import DeviceSession
 from driver_core.driver import Driver
 from driver_core.events import EVENT_UPLINK
+from driver_core.join_tokens import R1_LENGTH, R2_LENGTH, R3_LENGTH
+from driver_core.oscore_context import wrap_kid_context
 from tests.conftest import UplinkLog, enrolled_session, make_device, started_driver, write_config
 from tests.mqtt_helpers import SYSTEM_BROKER_PORT, Collector
 
@@ -165,8 +167,10 @@ def expects_answer(datagram: bytes) -> bool:
     return message.code.is_request() and message.mtype in (Type.CON, Type.NON)
 
 
-async def send(target: Target, datagram: bytes) -> list[aiocoap.Message]:
-    """Send from a fresh socket; check the properties; return the answers."""
+async def send(target: Target, datagram: bytes, may_publish: bool = False) -> list[aiocoap.Message]:
+    """Send from a fresh socket; check the properties; return the answers.
+
+    `may_publish`: a validly protected request may be accepted and published."""
     uplinks_before = len(target.uplinks.items)
     loop = asyncio.get_running_loop()
     transport, inbox = await loop.create_datagram_endpoint(
@@ -186,7 +190,8 @@ async def send(target: Target, datagram: bytes) -> list[aiocoap.Message]:
         pass
     answers = [well_formed_answer(datagram, data) for data in raw]
     assert target.tracebacks.bad == [], target.tracebacks.bad
-    assert len(target.uplinks.items) == uplinks_before, "a fuzzed datagram reached the bus"
+    if not may_publish:
+        assert len(target.uplinks.items) == uplinks_before, "a fuzzed datagram reached the bus"
     return answers
 
 
@@ -369,6 +374,109 @@ async def test_join_step_1_variants(target: Target, r1: bytes, bits: list[int]) 
         assert answer.opt.oscore is not None or answer.code.class_ == 4 or answer.code == Code.EMPTY, answer
 
 
+# ---- OSCORE options for the enrolled, joined kid: every flag byte, every Partial IV length ---
+
+
+def composed_option(flags: int, piv: bytes, kid_context: bytes | None, kid: bytes) -> bytes:
+    """An OSCORE option laid out as RFC 8613 §6.1 says (whatever the flags announce):
+    flags, Partial IV, kid context with its length byte (when given), kid."""
+    context = b"" if kid_context is None else bytes([len(kid_context) & 0xFF]) + kid_context
+    return bytes([flags]) + piv + context + kid
+
+
+def kid_contexts(target: Target) -> dict[str, bytes | None]:
+    """The kid contexts worth trying for the enrolled kid: its own, JOIN shapes, noise."""
+    current = target.session.context.id_context
+    return {
+        "none": None,
+        "raw": current,
+        "wrapped": wrap_kid_context(current),
+        "r1": wrap_kid_context(b"\x11" * R1_LENGTH),
+        "r2r3": wrap_kid_context(b"\x22" * (R2_LENGTH + R3_LENGTH)),
+        "empty": b"",
+    }
+
+
+def enrolled_datagram(
+    target: Target, which: str, flags: int, piv: bytes, kid_context: bytes | None, kid: bytes,
+    mid: int, payload: bytes | None = None,
+) -> bytes:
+    """A genuine request of the enrolled device (consumed: only its option changes)."""
+    mt, cd, _, tk, options, pl = parts(target.consumed_rx if which == "rx" else target.consumed_join)
+    options = [o for o in options if o[0] != OSCORE_OPTION]
+    options.append((OSCORE_OPTION, composed_option(flags, piv, kid_context, kid)))
+    return datagram(mt, cd, mid, tk, options, pl if payload is None else payload)
+
+
+async def test_every_flag_byte_for_the_enrolled_kid(target: Target) -> None:
+    """All 256 flag bytes, each laid out as it announces (Partial IV of n bytes, the device's
+    own kid context when h is set, its kid when k is set): refusals, never a 5.00 or a traceback."""
+    kid = target.session.kid
+    for flags in range(256):
+        piv = bytes(range(1, (flags & 0x07) + 1))
+        kid_context = wrap_kid_context(target.session.context.id_context) if flags & 0x10 else None
+        for answer in await send(
+            target, enrolled_datagram(target, "rx", flags, piv, kid_context, kid, 0x5000 + flags)
+        ):
+            assert answer.code.class_ == 4, (flags, answer)
+
+
+@fuzz(500)
+@given(
+    which=st.sampled_from(["rx", "join"]),
+    flags=st.integers(0, 255),
+    piv=st.none() | st.binary(max_size=8),  # None: as long as the flags announce
+    kid_context=st.sampled_from(["none", "raw", "wrapped", "r1", "r2r3", "empty"]) | st.binary(max_size=20),
+    kid=st.sampled_from(["enrolled", "enrolled+1", "empty"]),
+    mid=st.integers(0, 0xFFFF),
+    payload=st.none() | st.binary(max_size=60),
+)
+async def test_oscore_options_naming_the_enrolled_kid(
+    target: Target, which: str, flags: int, piv: bytes | None, kid_context: str | bytes,
+    kid: str, mid: int, payload: bytes | None,
+) -> None:
+    enrolled = target.session.kid
+    kid_bytes = {"enrolled": enrolled, "enrolled+1": enrolled + b"\x00", "empty": b""}[kid]
+    context = kid_contexts(target)[kid_context] if isinstance(kid_context, str) else kid_context
+    if piv is None:
+        piv = bytes(range(1, (flags & 0x07) + 1))
+    await send(target, enrolled_datagram(target, which, flags, piv, context, kid_bytes, mid, payload))
+
+
+cbor_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.integers(-2, 20) | st.text(max_size=3), inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@fuzz(300)
+@given(
+    path=st.sampled_from([["rx"], ["ack"], ["fota"], ["join"], ["fota", "1.0.0"], ["nope"], []]),
+    code=st.sampled_from([1, 2, 3, 4, 5, 7]) | st.integers(0, 255),
+    options=st.lists(st.tuples(st.sampled_from(OPTION_NUMBERS), st.binary(max_size=12)), max_size=4),
+    body=st.one_of(cbor_values.map(cbor2.dumps), st.binary(max_size=40)),
+)
+async def test_genuine_mac_hostile_inner_message(
+    target: Target, path: list[str], code: int, options: list, body: bytes
+) -> None:
+    """Validly protected requests of the enrolled device whose inner code, options and CBOR
+    payload are hostile: answered (maybe refused, maybe published), never a 5.00 or a traceback."""
+    from aiocoap.optiontypes import OpaqueOption
+
+    inner = aiocoap.Message(code=code, uri_path=path, payload=body)
+    for number, value in options:
+        inner.opt.add_option(OpaqueOption(number, value))
+    try:
+        outer, _ = target.session.protect_message(inner)
+        outer.mtype, outer.mid, outer.token = Type.CON, target.session.context.sender_sequence_number & 0xFFFF, b"in"
+        data = outer.encode()
+    except Exception:  # the device side refuses to build it: not a datagram to send
+        return
+    await send(target, data, may_publish=True)
+
+
 @pytest.mark.parametrize(
     ("data", "answer", "reason"),
     [
@@ -389,6 +497,44 @@ async def test_crashes_found_by_the_fuzzer_stay_fixed(
     answers = await send(target, data)
     assert [(a.code, a.payload) for a in answers] == ([answer] if answer else [])
     assert target.driver.refusals.counts[reason] == before + 1
+
+
+def with_oscore_flags(target: Target, flags: int, piv: bytes, mid: int) -> bytes:
+    """A genuine-looking /rx datagram of the enrolled, joined device with its OSCORE option
+    rebuilt: `flags`, then `piv`, then the kid (no kid context: the current context)."""
+    outer, _ = target.session.protect("rx", RX)
+    outer.opt.oscore = bytes([flags]) + piv + target.session.kid
+    outer.mtype, outer.mid, outer.token = Type.CON, mid, b"pv"
+    return outer.encode()
+
+
+@pytest.mark.parametrize("piv_length", [6, 7])
+async def test_a_reserved_partial_iv_length_is_bad_option_not_a_crash(
+    target: Target, piv_length: int
+) -> None:
+    """RFC 8613 §6.1 reserves n = 6 and 7: aiocoap built a nonce of the wrong size and
+    failed an assertion (5.00, a traceback per datagram, not rate limited)."""
+    data = with_oscore_flags(target, 0x08 | piv_length, b"\x00" * (piv_length - 1) + b"\x09", 0x6000 + piv_length)
+    assert target.driver.coap_gate.would_be_refused(data)  # pays its token at the gate
+    before = target.driver.refusals.counts["malformed_oscore"]
+    answers = await send(target, data)
+    assert [(a.code, a.payload) for a in answers] == [(Code.BAD_OPTION, b"Failed to decode COSE")]
+    assert target.driver.refusals.counts["malformed_oscore"] == before + 1
+
+
+async def test_inner_options_that_do_not_decode_are_bad_option_not_a_crash(target: Target) -> None:
+    """Found by the fuzzer: a validly protected request whose inner Uri-Path is not UTF-8 made
+    aiocoap's unprotect raise UnicodeDecodeError after the MAC check (5.00, a traceback)."""
+    from aiocoap.optiontypes import OpaqueOption
+
+    inner = aiocoap.Message(code=Code.POST, payload=RX)
+    inner.opt.add_option(OpaqueOption(11, b"\x80"))
+    outer, _ = target.session.protect_message(inner)
+    outer.mtype, outer.mid, outer.token = Type.CON, 0x7779, b"iu"
+    before = target.driver.refusals.counts["malformed_oscore"]
+    answers = await send(target, outer.encode())
+    assert [(a.code, a.payload) for a in answers] == [(Code.BAD_OPTION, b"Failed to decode COSE")]
+    assert target.driver.refusals.counts["malformed_oscore"] == before + 1
 
 
 async def test_a_group_oscore_flag_is_a_decode_error_not_a_crash(target: Target) -> None:
@@ -449,5 +595,6 @@ async def test_after_the_fuzzing_a_genuine_uplink_still_works(target: Target) ->
     assert all(m.topic.endswith("/F0000001/uplink") for m in messages)
     assert target.tracebacks.bad == []
     assert target.driver.refusals.counts["rate_limited"] == 0
+    assert target.driver.refusals.counts["decryption_failed_unanswered"] == 0  # every one answered
     print(f"\nfuzzed datagrams sent: {len(target.sent)}, largest {max(target.sent)} bytes; "
           f"refusals: {dict(sorted(target.driver.refusals.counts.items()))}")

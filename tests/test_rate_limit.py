@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import select
@@ -32,7 +33,7 @@ from driver_core.driver import Driver
 from driver_core.events import EVENT_UPLINK
 from driver_core.join_tokens import R1_LENGTH
 from driver_core.oscore_context import wrap_kid_context
-from driver_core.rate_limit import TokenBuckets, Verdict, source_key
+from driver_core.rate_limit import LOG_EVERY, TokenBuckets, Verdict, source_key
 from driver_core.tokens import create_token
 from driver_core.web.users import create_user
 from tests.conftest import (
@@ -367,6 +368,7 @@ async def test_unknown_kid_flood_is_dropped_while_enrolled_devices_carry_on(tmp_
                 stdin=asyncio.subprocess.PIPE,
             )
             assert await flooder.stdout.readline() == b"ready\n"  # the flood starts now
+            started = time.monotonic()
             finished = asyncio.ensure_future(flooder.stdout.readline())
             flooded = await rx_rounds(sessions, until=finished)
             report = json.loads(await finished)
@@ -376,6 +378,7 @@ async def test_unknown_kid_flood_is_dropped_while_enrolled_devices_carry_on(tmp_
             while counts["unknown_kid"] + counts["rate_limited"] + dropped_by_kernel < report["sent"]:
                 assert time.monotonic() < deadline, (dict(counts), report, dropped_by_kernel)
                 await asyncio.sleep(0.05)  # the driver still works through its socket queue
+            worked = time.monotonic() - started  # tokens came back for as long as the driver worked
             answers = 0
             async with asyncio.timeout(10):  # every refusal answered, and nothing else
                 while answers < counts["unknown_kid"]:
@@ -392,8 +395,8 @@ async def test_unknown_kid_flood_is_dropped_while_enrolled_devices_carry_on(tmp_
             uplinks = DEVICES + len(quiet) + len(flooded)  # JOINs, then every rx
             assert len(await log.wait_for(uplinks)) == uplinks
             assert counts["unknown_kid"] + counts["rate_limited"] + dropped_by_kernel == report["sent"]
-            # The burst, then 20 per second for as long as the flood lasted.
-            assert counts["unknown_kid"] <= 100 + math.ceil(20 * report["seconds"])
+            # The burst, then 20 per second for as long as the flood was being worked on.
+            assert counts["unknown_kid"] <= 100 + math.ceil(20 * worked)
             assert counts["rate_limited"] >= report["sent"] * 0.9
             assert answers == counts["unknown_kid"]  # a dropped datagram has no answer
             assert dropped_by_kernel == 0  # the enlarged receive queue held the flood
@@ -403,6 +406,229 @@ async def test_unknown_kid_flood_is_dropped_while_enrolled_devices_carry_on(tmp_
             if flooder is not None and flooder.returncode is None:
                 flooder.kill()  # the test failed half-way
                 await flooder.wait()
+
+
+# ---- forged MACs naming an enrolled kid ------------------------------------------------------
+
+
+def forged_rx(mid: int, kid: bytes, seqno: int) -> bytes:
+    """An /rx under the device's current context, as anyone can write it: the kid is in clear,
+    the Partial IV fresh, the ciphertext random (the MAC cannot verify)."""
+    option = bytes([0x0B]) + seqno.to_bytes(3, "big") + kid  # k, a 3-byte Partial IV
+    message = aiocoap.Message(code=Code.POST, oscore=option, payload=os.urandom(24))
+    return encoded(message, Type.CON, mid, mid.to_bytes(2, "big"))
+
+
+FORGERS = [f"127.0.1.{n}" for n in range(1, 41)]  # 40 source addresses, 40 fresh source budgets
+
+
+def forge(kid_hex: str, port: int, rate: int, seconds: float) -> None:
+    """Send forged-MAC /rx requests naming `kid_hex` from 40 loopback addresses in turn, at
+    `rate` per second, for `seconds` or until a line arrives on stdin; then report like
+    `flood` ("ready", {"sent", "seconds"}, {"answers"} until the next line on stdin)."""
+    kid = bytes.fromhex(kid_hex)
+    count = int(rate * seconds)
+    datagrams = [forged_rx(i & 0xFFFF, kid, 1_000_000 + i) for i in range(count)]
+    sockets = []
+    for source in FORGERS:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        sockets.append(sock)
+    answered = 0
+
+    def drain() -> None:
+        nonlocal answered
+        for sock in select.select(sockets, [], [], 0)[0]:
+            while True:
+                try:
+                    sock.recv(2048)
+                except BlockingIOError:
+                    break
+                answered += 1
+
+    print("ready", flush=True)
+    started = time.perf_counter()
+    sent = 0
+    while sent < count and not select.select([sys.stdin], [], [], 0)[0]:
+        due = min(count, int((time.perf_counter() - started) * rate) + 1)
+        while sent < due:
+            sockets[sent % len(sockets)].send(datagrams[sent])
+            sent += 1
+        drain()
+        time.sleep(0.0005)
+    if sent < count:
+        sys.stdin.readline()  # told to stop
+    print(json.dumps({"sent": sent, "seconds": time.perf_counter() - started}), flush=True)
+    reported = -1
+    while not select.select([sys.stdin], [], [], 0.01)[0]:
+        drain()
+        if answered != reported:
+            reported = answered
+            print(json.dumps({"answers": reported}), flush=True)
+    for sock in sockets:
+        sock.close()
+
+
+FORGE_RATE = 1500
+FORGE_SECONDS = 20.0  # at most: the test stops the flood once the device is done
+RATE, BURST = 20, 100  # the driver's refusal budget in this test
+
+
+async def test_forged_macs_naming_an_enrolled_kid_are_verified_but_answered_within_a_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Forgeries naming the kid of an enrolled device, from 40 addresses: each is verified (a
+    valid MAC is always served), the first BURST and then RATE per second are answered 4.00
+    and logged; the rest get no answer, a counter and one line per kid every LOG_EVERY s.
+    Meanwhile the real device JOINs and sends an uplink."""
+    caplog.set_level(logging.WARNING, logger="driver_core.refused")
+    async with driver_with_limits(
+        tmp_path / "config", coap=f"  refusals_per_second: {RATE}\n  refusal_burst: {BURST}\n"
+    ) as driver:
+        log = UplinkLog()
+        driver.bus.listen(EVENT_UPLINK, log)
+        device = make_device("C0000001", 17, 1)
+        session = await enrolled_session(driver, device)
+        await session.join("1.0.0", 17)  # the kid is cached, with a current context to forge under
+        forger = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.test_rate_limit", "forge", session.kid.hex(),
+            str(driver.coap_port), str(FORGE_RATE), str(FORGE_SECONDS),
+            cwd=Path(__file__).resolve().parent.parent, stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.PIPE,
+        )
+        try:
+            drops_before = udp_drops(driver.coap_port)
+            assert await forger.stdout.readline() == b"ready\n"
+            started = time.monotonic()
+            finished = asyncio.ensure_future(forger.stdout.readline())
+            await asyncio.sleep(0.5)  # well into the flood: the kid's budget is spent
+            join_started = time.perf_counter()
+            assert (await session.join("1.0.0", 17)).code == Code.CHANGED
+            join_took = time.perf_counter() - join_started
+            uplinks = 0
+            while uplinks < 5 or time.perf_counter() - join_started < 2.5:  # the flood goes on
+                rx = await session.post("rx", RX)
+                assert rx.protected and rx.code == Code.CHANGED
+                uplinks += 1
+            flood_on = not finished.done()
+            forger.stdin.write(b"stop\n")  # the flood ends here
+            report = json.loads(await finished)
+            counts = driver.refusals.counts
+            unanswered = "decryption_failed_unanswered"
+            deadline = time.monotonic() + 10
+
+            def accounted() -> int:
+                kernel = udp_drops(driver.coap_port) - drops_before  # its receive queue was full
+                return counts["decryption_failed"] + counts[unanswered] + counts["rate_limited"] + kernel
+
+            while accounted() < report["sent"]:
+                assert time.monotonic() < deadline, (dict(counts), report)
+                await asyncio.sleep(0.05)  # the driver still works through its socket queue
+            elapsed = time.monotonic() - started
+            dropped_by_kernel = udp_drops(driver.coap_port) - drops_before
+            answers = 0
+            async with asyncio.timeout(10):
+                while answers < counts["decryption_failed"]:
+                    answers = json.loads(await forger.stdout.readline())["answers"]
+            forger.stdin.write(b"stop\n")
+            await forger.wait()
+        finally:
+            if forger.returncode is None:
+                forger.kill()
+                await forger.wait()
+        print(
+            f"\nforged: {report['sent']} in {report['seconds']:.2f} s, {answers} answered; "
+            f"refusals {dict(sorted(counts.items()))}; JOIN during the flood took {join_took * 1000:.0f} ms, "
+            f"then {uplinks} uplinks; "
+            f"all counted after {elapsed:.2f} s; kernel drops {dropped_by_kernel}"
+        )
+        assert flood_on, "the flood ended before the device was done"
+        assert accounted() == report["sent"]
+        # Answered: the kid's burst, then its rate for as long as the flood was being worked on.
+        assert BURST <= answers == counts["decryption_failed"] <= BURST + math.ceil(RATE * elapsed)
+        assert counts[unanswered] == report["sent"] - dropped_by_kernel - answers
+        assert counts["rate_limited"] == 0  # nothing the gate could have foreseen
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        summaries = [line for line in lines if f"reason={unanswered}" in line]
+        intervals = math.ceil(elapsed / LOG_EVERY) + 1
+        assert 1 <= len(summaries) <= intervals
+        assert summaries[0].startswith(
+            f"refused reason={unanswered} serial=C0000001 kid={session.kid.hex()} remote=- detail="
+            f"kid {session.kid.hex()} or its sources over the decryption-failure budget "
+            f"({RATE}/s, burst {BURST} each): "
+        )
+        assert len(lines) == answers + len(summaries)  # one line per answer, one per interval
+        assert [e.message_type for e in await log.wait_for(2 + uplinks)] == ["join", "join"] + ["rx"] * uplinks
+        token = await create_token(driver.db, "prometheus")
+        async with aiohttp.ClientSession() as http, http.get(
+            f"http://127.0.0.1:{driver.api.port}/metrics", headers={"Authorization": f"Bearer {token}"}
+        ) as response:
+            text = await response.text()
+        assert f'coap_driver_refused_requests_total{{reason="{unanswered}"}} {counts[unanswered]:.1f}' in text
+        assert join_took < 5.0  # generous: the figure to look at is printed above (bench/forged_flood.py)
+
+
+async def test_a_source_over_its_budget_gets_no_answer_to_forgeries_its_valid_requests_do(
+    limited: Driver,
+) -> None:
+    """Per source: after 5 refusals (the burst), a forgery naming an enrolled kid from that
+    address is verified, counted and left unanswered; the device's own request is served."""
+    driver = limited
+    session = await enrolled_session(driver, make_device("C0000002", 17, 2))
+    await session.join("1.0.0", 17)
+    transport, sock = await Socket.open(driver.coap_port)
+    try:
+        for mid in range(5):
+            transport.sendto(unprotected_rx(mid))
+            assert (await sock.answer(2.0)).code == Code.UNAUTHORIZED
+        transport.sendto(forged_rx(9, session.kid, 5000))
+        assert (await session.post("rx", RX)).code == Code.CHANGED  # sent after the forgery
+        assert await sock.answer(0.3) is None
+    finally:
+        transport.close()
+    counts = driver.refusals.counts
+    assert (counts["decryption_failed"], counts["decryption_failed_unanswered"]) == (0, 1)
+    assert driver.coap_gate.kid_buckets.exhausted(session.kid.hex()) is False  # not the kid's fault
+
+
+async def test_a_forged_join_step_1_costs_no_r2_and_no_answer_context(limited: Driver) -> None:
+    """A forged step 1 naming an enrolled kid (R1 kid context, random ciphertext) fails
+    verification before the driver issues an R2 or derives C2: those are for real devices."""
+    driver = limited
+    device = make_device("C0000003", 17, 3)
+    session = await enrolled_session(driver, device)
+    await session.join("1.0.0", 17)
+    tokens = driver.credentials.tokens
+    issued: list[bytes] = []
+    real_issue = tokens.issue
+    tokens.issue = lambda kid, now_ms=None: issued.append(kid) or real_issue(kid, now_ms)
+    try:
+        transport, sock = await Socket.open(driver.coap_port)
+        try:
+            kid_context = wrap_kid_context(os.urandom(R1_LENGTH))
+            option = bytes([0x19, 0x01, len(kid_context)]) + kid_context + session.kid
+            forged = aiocoap.Message(code=Code.POST, oscore=option, payload=os.urandom(24))
+            transport.sendto(encoded(forged, Type.CON, 1, b"f1"))
+            answer = await sock.answer(2.0)
+        finally:
+            transport.close()
+        assert (answer.code, answer.payload) == (Code.BAD_REQUEST, b"Decryption failed")
+        assert issued == []
+        assert (await session_for(driver, device).join("1.0.0", 17)).code == Code.CHANGED
+        assert issued == [session.kid]  # a real step 1 gets its R2
+    finally:
+        tokens.issue = real_issue
+
+
+def test_take_spends_a_token_now_or_says_none_is_left() -> None:
+    clock = Clock()
+    buckets = TokenBuckets(1, 2, clock=clock)
+    assert [buckets.take("k") for _ in range(3)] == [True, True, False]
+    clock.now = 1.0
+    assert [buckets.take("k") for _ in range(2)] == [True, False]
+    assert all(TokenBuckets(0, 1).take("k") for _ in range(5))  # rate 0: limiting off
 
 
 # ---- HTTP: failed authentications ----------------------------------------------------------
@@ -490,3 +716,5 @@ async def test_failed_logins_get_429_and_logged_in_users_carry_on(http_limited: 
 if __name__ == "__main__":  # the flooder process: flood SOURCE PORT RATE SECONDS
     if sys.argv[1:2] == ["flood"]:
         flood(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+    elif sys.argv[1:2] == ["forge"]:  # forge KID_HEX PORT RATE SECONDS
+        forge(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
