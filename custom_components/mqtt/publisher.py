@@ -65,6 +65,9 @@ class OutboxPublisher:
         self.qos = qos
         self.window = window
         self.waiting = 0  # rows in the table: exact when known, else counted along
+        # Bumped by every count along (notify, flush): a table scan that overlapped one of
+        # them read an older snapshot and must not overwrite `waiting` with it.
+        self._counted = 0
         self.published = 0
         self._on_change = on_change
         self._on_error = on_error
@@ -97,6 +100,7 @@ class OutboxPublisher:
     def notify(self, uplink: Any = None) -> None:
         """A new row was committed (uplink event): publish it without reading it back."""
         self.waiting += 1
+        self._counted += 1
         outbox_id = getattr(uplink, "outbox_id", None)
         document = getattr(uplink, "document_json", None)
         if outbox_id is not None and document is not None:
@@ -179,6 +183,7 @@ class OutboxPublisher:
         """The oldest rows not on the wire nor acked; None after a database error."""
         skip = self._inflight | self._acked_set  # taken before reading: see flush()
         limit = len(skip) + PAGE
+        counted = self._counted
         try:
             rows = await self.outbox.oldest(limit)
         except Exception as exc:  # a database hiccup must not drop the MQTT connection
@@ -188,7 +193,7 @@ class OutboxPublisher:
             if failure.done():
                 failure.result()
             return None
-        if len(rows) < limit:
+        if len(rows) < limit and counted == self._counted:
             self.waiting = len(rows)
             self._on_change()
         return [row for row in rows if row.id not in skip]
@@ -253,5 +258,6 @@ class OutboxPublisher:
             del self._acked[: len(batch)]
             self._acked_set.difference_update(batch)
             self.waiting = max(0, self.waiting - removed)
+            self._counted += 1
             self._on_change()
             return True
