@@ -136,13 +136,10 @@ class TokenBuckets:
 
     def prepay(self, key: str) -> bool:
         """Take the token of a refusal to come; False (nothing taken) when none is left."""
-        if not self.enabled:
-            return True
-        bucket = self._bucket(key)
-        if bucket.tokens < 1:
+        if not self.take(key):
             return False
-        bucket.tokens -= 1
-        bucket.prepaid += 1
+        if self.enabled:
+            self._bucket(key).prepaid += 1
         return True
 
     def take(self, key: str) -> bool:
