@@ -381,7 +381,12 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         devices = read_devices_csv(csv_path.read_text(encoding="utf-8"), driver.families.keys())
         assert driver.integrations is not None and driver.config is not None
         settings = driver.integrations.running["mqtt"].settings
-        for line in demo_instructions(host, port, settings, [d.serial for d in devices]):
+        # Saved settings (`coap-driver integration set mqtt ...`) win over the YAML.
+        broker_host, broker_port = (
+            (settings["builtin_host"], settings["builtin_port"])
+            if settings.get("broker", "builtin") == "builtin" else (host, port)
+        )
+        for line in demo_instructions(broker_host, broker_port, settings, [d.serial for d in devices]):
             print(line)
         http = driver.config.http
         print(
@@ -394,7 +399,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
             time_scale=args.time_scale, timing=CoapTiming(ack_timeout=1.0),
             on_event=lambda serial, text: None,
         )
-        async with aiomqtt.Client(host, port) as client:
+        async with aiomqtt.Client(broker_host, broker_port) as client:
             await client.subscribe(uplink_filter(settings), qos=1)
             sim = asyncio.create_task(simulator.run())
             try:

@@ -144,7 +144,11 @@ class DeviceSite(OscoreSiteWrapper):
                 pipe.add_response(Retransmission(stored).answer, is_last=True)
                 return
         self._refusals.record(why.REPLAY, remote=request.remote, kid=state.kid, serial=state.serial)
-        raise error.Unauthorized("Replay detected") from None
+        # Answered here, as a replay the local window caught is: one refusal, not two.
+        pipe.add_response(
+            aiocoap.Message(code=Code.UNAUTHORIZED, max_age=0, payload=b"Replay detected"),
+            is_last=True,
+        )
 
     async def _verify_and_render(self, pipe) -> None:
         """OSCORE-verify, call the resource, protect its answer: what aiocoap's wrapper does,

@@ -256,7 +256,13 @@ class Driver:
         signals = StopSignals()
         signals.install()  # a signal during the start stops the driver right after it
         try:
-            await self.start()
+            starting = asyncio.create_task(self.start(), name="driver-start")
+            signals.on_again = starting.cancel  # a start that hangs (database): the second signal
+            await asyncio.wait([starting])
+            if starting.cancelled():  # start() closed what it had opened
+                _LOGGER.warning("coap-driver stopped during its start")
+                return
+            starting.result()
             try:
                 await self._serve_until(signals.requested, alongside)
                 draining = asyncio.create_task(self.drain(), name="driver-drain")

@@ -67,7 +67,12 @@ def _tighten_one(path: Path, changed: list[str]) -> None:
         return  # a symlink's target is not ours to change
     if status.st_uid != os.geteuid():
         return  # not ours (e.g. a mounted file): chmod would fail
-    os.chmod(path, stat.S_IMODE(status.st_mode) & 0o700 | (DIR_MODE if stat.S_ISDIR(status.st_mode) else FILE_MODE))
+    mode = stat.S_IMODE(status.st_mode) & 0o700 | (DIR_MODE if stat.S_ISDIR(status.st_mode) else FILE_MODE)
+    try:
+        os.chmod(path, mode)
+    except OSError as exc:  # a read-only mount: say so, and start all the same
+        _LOGGER.warning("Cannot make %s readable by its owner only: %s", path, exc.strerror or exc)
+        return
     changed.append(str(path))
 
 

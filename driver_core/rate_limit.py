@@ -136,10 +136,13 @@ class TokenBuckets:
 
     def prepay(self, key: str) -> bool:
         """Take the token of a refusal to come; False (nothing taken) when none is left."""
-        if not self.take(key):
+        if not self.enabled:
+            return True
+        bucket = self._bucket(key)
+        if bucket.tokens < 1:
             return False
-        if self.enabled:
-            self._bucket(key).prepaid += 1
+        bucket.tokens -= 1
+        bucket.prepaid += 1
         return True
 
     def take(self, key: str) -> bool:
@@ -252,7 +255,7 @@ class CoapGate:
         The kid travels in clear, so anyone can forge requests naming it, from any address;
         the gate cannot tell them from the device's own. Each one is verified (a valid MAC
         is always served). Past its source's budget, or its kid's (the same rate and burst),
-        a failure goes unanswered and is only counted, with one line per source or kid every
+        a failure goes unanswered and is only counted, with one line per kid every
         `LOG_EVERY` seconds. O(1): two dictionary lookups, on failures only.
         """
         host = host_of(remote)

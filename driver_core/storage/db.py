@@ -350,7 +350,10 @@ def prepare_sqlite_file(url: URL, shown: str) -> None:
     database file's mode: a file we create 0600 first keeps all three private.
     """
     _check_sqlite_location(url, shown)
-    create_private_file(Path(url.database or "").expanduser())
+    try:
+        create_private_file(Path(url.database or "").expanduser())
+    except OSError as exc:  # e.g. a directory the driver's user may not write
+        raise DatabaseError(f"cannot open database {shown}: {exc.strerror or exc}") from None
 
 
 def sqlite_files(url: str) -> list[Path]:
