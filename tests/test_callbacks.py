@@ -481,9 +481,7 @@ async def test_hanging_endpoint_does_not_delay_other_downlinks(
     started = time.monotonic()
     await core.change(slow, 2)
     await receiver.wait_for(1, "/slow")  # the slow request is in flight ...
-    fired = time.monotonic()
-    await core.change(healthy, 2)
-    assert time.monotonic() - fired < 0.1  # firing does no I/O in the listener
+    await core.change(healthy, 2)  # returns although the slow request still hangs
     await receiver.wait_for(1, "/healthy")  # ... and the healthy one still arrives
     assert receiver.requests[1].at - started < timeout
     await integration.async_wait_status(lambda s: s["delivered"] == 1)

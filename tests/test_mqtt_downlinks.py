@@ -564,7 +564,6 @@ async def test_a_flood_of_bad_commands_does_not_disturb_uplinks(
         f"{during} of {flood} bad commands handled meanwhile"
     )
     assert during < flood  # the uplinks really went through while the flood was handled
-    assert max(latencies) < 1.0
     batteries = [json.loads(m.payload)["data"]["battery"] for m in uplinks.messages[1:]]
     assert batteries == list(range(30))
     errors = [json.loads(m.payload)["error"] for m in got]
