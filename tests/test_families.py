@@ -823,6 +823,51 @@ def test_bad_family_file(tmp_path: pathlib.Path, text: str | None, problem: str)
     assert str(caught.value) == f"{tmp_path / 'family.yaml'}: {problem}"
 
 
+BAD_LINES = [  # (a line of vidi_prv/family.yaml, what it becomes, key path in the message)
+    (
+        "  tx_interval: {code: 16,",
+        "  tx_interval: {code: 1,",
+        "configurations.tx_interval.code: code 1 is already used by commands.reboot",
+    ),
+    (
+        "  16: {name: temperature, type: int, scale: 0.01,",
+        "  16: {name: temperature, type: int, scale: hundredth,",
+        "uplink.16.scale: expected a number, got 'hundredth'",
+    ),
+    (
+        "  - {key: flow, platform: sensor,",
+        "  - {key: flows, platform: sensor,",
+        "entities.5.key: no uplink field named 'flows'",
+    ),
+    (
+        "    inlet_pressure: {min: 5, max: 9}",
+        "    inlet_pressure: {probability: 0.5}",
+        "simulate.28.inlet_pressure: field of type int needs {min, max}",
+    ),
+]
+
+
+@pytest.mark.parametrize(("line", "bad", "problem"), BAD_LINES, ids=[b[2].split(":")[0] for b in BAD_LINES])
+def test_a_family_error_names_file_and_line(
+    tmp_path: pathlib.Path, line: str, bad: str, problem: str
+) -> None:
+    lines = (REPO / "custom_components" / "vidi_prv" / "family.yaml").read_text("utf-8").splitlines()
+    number = next(n for n, text in enumerate(lines, start=1) if text.startswith(line))
+    lines[number - 1] = lines[number - 1].replace(line, bad, 1)
+    _write(tmp_path, "\n".join(lines) + "\n")
+    with pytest.raises(FamilyError) as caught:
+        load_family(tmp_path, "test_family")
+    assert str(caught.value) == f"{tmp_path / 'family.yaml'}: {problem}"
+    assert (caught.value.file, caught.value.line) == (str(tmp_path / "family.yaml"), number)
+
+
+def test_a_yaml_error_names_file_and_line(tmp_path: pathlib.Path) -> None:
+    _write(tmp_path, "name: X\ncommands:\n  reboot: {code: 1, description: a}\n  reboot: {code: 2}\n")
+    with pytest.raises(FamilyError) as caught:
+        load_family(tmp_path, "test_family")
+    assert (caught.value.file, caught.value.line) == (str(tmp_path / "family.yaml"), 4)
+
+
 def test_the_family_in_the_docs_is_valid(tmp_path: pathlib.Path) -> None:
     text = (REPO / "docs" / "families.md").read_text(encoding="utf-8")
     _write(tmp_path, "\n".join(re.findall(r"```yaml\n(.*?)```", text, re.S)))

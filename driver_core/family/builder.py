@@ -34,7 +34,7 @@ class Builder:
 
     def fail(self, keys: list[Any], problem: str) -> FamilyError:
         where = ".".join(str(k) for k in keys) or "(top level)"
-        return FamilyError(f"{self.path}: {where}: {problem}")
+        return FamilyError(f"{self.path}: {where}: {problem}", str(self.path), keys=tuple(keys))
 
     def build(self) -> Family:
         fields = self._fields()

@@ -9,6 +9,7 @@ from typing import Any
 import voluptuous as vol
 import yaml
 
+from ..yaml_loader import YamlError, load_yaml, locate
 from .builder import Builder
 from .model import Family
 from .schema import FAMILY_SCHEMA
@@ -40,28 +41,61 @@ StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _co
 def load_family(component_dir: pathlib.Path, domain: str) -> Family:
     """Read, validate and compile ``component_dir/family.yaml``; raises FamilyError."""
     path = pathlib.Path(component_dir) / "family.yaml"
+    file = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FamilyError(f"{path}: file not found") from None
+        raise FamilyError(f"{path}: file not found", file) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise FamilyError(f"{path}: cannot read: {exc}") from None
+        raise FamilyError(f"{path}: cannot read: {exc}", file) from None
     try:
         doc = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}: " if mark else ""
-        raise FamilyError(f"{path}: {line}{exc.problem or exc.context}") from None
+        raise FamilyError(
+            f"{path}: {line}{exc.problem or exc.context}", file, mark.line + 1 if mark else None
+        ) from None
     except yaml.YAMLError as exc:
-        raise FamilyError(f"{path}: invalid YAML: {exc}") from None
+        raise FamilyError(f"{path}: invalid YAML: {exc}", file) from None
     if not isinstance(doc, dict):
-        raise FamilyError(f"{path}: (top level): expected a mapping, got {type(doc).__name__}")
+        raise FamilyError(
+            f"{path}: (top level): expected a mapping, got {type(doc).__name__}", file, 1
+        )
     try:
-        doc = FAMILY_SCHEMA(doc)
+        return Builder(path, domain, _validate(path, doc)).build()
+    except FamilyError as exc:
+        exc.line = _line_of(path, exc.keys)
+        raise
+
+
+def _validate(path: pathlib.Path, doc: dict) -> dict:
+    """The schema-checked document; FamilyError lists every problem, keyed by the first."""
+    try:
+        return FAMILY_SCHEMA(doc)
     except vol.MultipleInvalid as exc:
         problems = sorted(
-            f"{'.'.join(str(k) for k in err.path) or '(top level)'}: {err.msg}"
-            for err in exc.errors
+            (
+                (f"{'.'.join(str(k) for k in err.path) or '(top level)'}: {err.msg}", err.path)
+                for err in exc.errors
+            ),
+            key=lambda problem: problem[0],
         )
-        raise FamilyError(f"{path}: {'; '.join(problems)}") from None
-    return Builder(path, domain, doc).build()
+        raise FamilyError(
+            f"{path}: {'; '.join(message for message, _ in problems)}",
+            str(path),
+            keys=tuple(getattr(k, "schema", k) for k in problems[0][1]),
+        ) from None
+
+
+def _line_of(path: pathlib.Path, keys: tuple[Any, ...]) -> int | None:
+    """Line of the deepest part of `keys` in the file, found with the configuration's loader.
+
+    Only runs on the error path: the strict loader above keeps the messages people know,
+    and yaml_loader's line-aware mappings (with `locate`) supply the line.
+    """
+    try:
+        raw = load_yaml(path)
+    except YamlError:
+        return None
+    return locate(raw, keys)[1]

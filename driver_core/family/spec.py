@@ -52,7 +52,22 @@ DEVICE_CLASSES = {"sensor": SENSOR_DEVICE_CLASSES, "binary_sensor": BINARY_SENSO
 
 
 class FamilyError(Exception):
-    """A family YAML file is invalid; the message names the file, key path and problem."""
+    """A family YAML file is invalid; the message names the file, key path and problem.
+
+    `file` and `line` say where to fix it (as ConfigError's do); `keys` is the key path
+    the loader uses to find the line. The message keeps its `<file>: <key.path>: <problem>`
+    shape, which tests and docs quote.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        file: str | None = None,
+        line: int | None = None,
+        keys: tuple[Any, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.file, self.line, self.keys = file, line, keys
 
 
 class PayloadDecodeError(Exception):
