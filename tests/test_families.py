@@ -8,6 +8,7 @@ import json
 import pathlib
 import random
 import re
+import shutil
 from typing import Any
 
 import cbor2
@@ -851,14 +852,17 @@ BAD_LINES = [  # (a line of vidi_prv/family.yaml, what it becomes, key path in t
 def test_a_family_error_names_file_and_line(
     tmp_path: pathlib.Path, line: str, bad: str, problem: str
 ) -> None:
+    shutil.copytree(REPO / "custom_components" / "vidi_common", tmp_path / "vidi_common")
+    folder = tmp_path / "vidi_prv"
+    folder.mkdir()
     lines = (REPO / "custom_components" / "vidi_prv" / "family.yaml").read_text("utf-8").splitlines()
     number = next(n for n, text in enumerate(lines, start=1) if text.startswith(line))
     lines[number - 1] = lines[number - 1].replace(line, bad, 1)
-    _write(tmp_path, "\n".join(lines) + "\n")
+    _write(folder, "\n".join(lines) + "\n")
     with pytest.raises(FamilyError) as caught:
-        load_family(tmp_path, "test_family")
-    assert str(caught.value) == f"{tmp_path / 'family.yaml'}: {problem}"
-    assert (caught.value.file, caught.value.line) == (str(tmp_path / "family.yaml"), number)
+        load_family(folder, "test_family")
+    assert str(caught.value) == f"{folder / 'family.yaml'}: {problem}"
+    assert (caught.value.file, caught.value.line) == (str(folder / "family.yaml"), number)
 
 
 def test_a_yaml_error_names_file_and_line(tmp_path: pathlib.Path) -> None:
@@ -866,6 +870,61 @@ def test_a_yaml_error_names_file_and_line(tmp_path: pathlib.Path) -> None:
     with pytest.raises(FamilyError) as caught:
         load_family(tmp_path, "test_family")
     assert (caught.value.file, caught.value.line) == (str(tmp_path / "family.yaml"), 4)
+
+
+def _family_with_shared_block(tmp_path: pathlib.Path, shared: str, family: str) -> pathlib.Path:
+    """A family folder next to a vidi_common-like folder holding `shared` as block.yaml."""
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "block.yaml").write_text(shared, encoding="utf-8")
+    (tmp_path / "fam").mkdir()
+    _write(tmp_path / "fam", family)
+    return tmp_path / "fam"
+
+
+SHARED_FAMILY = (
+    "name: X\nhw_types: {17: P}\nuplink:\n  <<: !include ../common/block.yaml\n"
+    "  9: {name: leak, type: bool}\nsimulate: {17: {battery: {min: 0, max: 100}}}\n"
+)
+
+
+def test_a_shared_block_is_merged_into_the_family(tmp_path: pathlib.Path) -> None:
+    folder = _family_with_shared_block(tmp_path, "1: {name: battery, type: uint}\n", SHARED_FAMILY)
+    family = load_family(folder, "test_family")
+    assert [spec.name for spec in family.fields.values()] == ["battery", "leak"]
+    assert family.decode(17, bytes.fromhex("a201185009f4")) == {"battery": 80, "leak": False}
+
+
+def test_an_error_in_a_shared_block_names_its_file_and_line(tmp_path: pathlib.Path) -> None:
+    folder = _family_with_shared_block(
+        tmp_path, "# shared\n1: {name: battery, type: uint}\n2: {name: rssi, type: sint}\n", SHARED_FAMILY
+    )
+    with pytest.raises(FamilyError) as caught:
+        load_family(folder, "test_family")
+    assert str(caught.value).endswith("family.yaml: uplink.2.type: 'sint' is not one of: "
+                                      "uint, int, float, bool, enum, bitfield, tstr")
+    block = (tmp_path / "common" / "block.yaml").resolve()
+    assert (caught.value.file, caught.value.line) == (str(block), 3)
+
+
+def test_a_key_in_both_the_family_and_a_shared_block_is_refused(tmp_path: pathlib.Path) -> None:
+    folder = _family_with_shared_block(tmp_path, "9: {name: battery, type: uint}\n", SHARED_FAMILY)
+    with pytest.raises(FamilyError, match=r"family\.yaml: line 5: duplicate key 9$"):
+        load_family(folder, "test_family")
+
+
+def test_a_shared_list_is_spliced_and_a_cycle_refused(tmp_path: pathlib.Path) -> None:
+    folder = _family_with_shared_block(
+        tmp_path,
+        "- {key: battery, platform: sensor}\n",
+        "name: X\nhw_types: {17: P}\nuplink: {1: {name: battery, type: uint}, 2: {name: leak, type: bool}}\n"
+        "simulate: {17: {battery: {min: 0, max: 100}}}\n"
+        "entities:\n  - {key: leak, platform: binary_sensor}\n  - !include ../common/block.yaml\n",
+    )
+    family = load_family(folder, "test_family")
+    assert [entity.key for entity in family.entities] == ["leak", "battery"]
+    (tmp_path / "common" / "block.yaml").write_text("- !include block.yaml\n", encoding="utf-8")
+    with pytest.raises(FamilyError, match=r"block\.yaml: line 1: !include block\.yaml includes itself"):
+        load_family(folder, "test_family")
 
 
 def test_the_family_in_the_docs_is_valid(tmp_path: pathlib.Path) -> None:

@@ -1,4 +1,11 @@
-"""load_family: read family.yaml strictly, validate it against the schema, build the Family."""
+"""load_family: read family.yaml strictly, validate it against the schema, build the Family.
+
+The YAML loader is the family's own (not driver_core.yaml_loader's): it refuses duplicate
+keys with the messages family authors know, and resolves ``!include`` while composing, so
+that shared blocks (custom_components/vidi_common/) work inside a YAML merge
+(``<<: !include file.yaml``) and are spliced into a list (``- !include file.yaml``).
+The composed node tree is kept to name the file and line of a later schema or build error.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +16,69 @@ from typing import Any
 import voluptuous as vol
 import yaml
 
-from ..yaml_loader import YamlError, load_yaml, locate
 from .builder import Builder
 from .model import Family
 from .schema import FAMILY_SCHEMA
 from .spec import FamilyError
 
+INCLUDE_TAG = "!include"
+
 
 class StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one).
+
+    ``!include <path>`` (relative to the including file) is replaced by the included
+    file's node tree; inside a list, an included list is spliced in item by item.
+    """
+
+    def __init__(
+        self, stream: str, file: pathlib.Path | None = None, stack: tuple[pathlib.Path, ...] = ()
+    ) -> None:
+        super().__init__(stream)
+        self.file = file
+        self.stack = (*stack, file.resolve()) if file is not None else stack
+        if file is not None:
+            self.name = str(file)  # the file marks (and so errors) name
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        node = super().compose_node(parent, index)
+        if isinstance(node, yaml.ScalarNode) and node.tag == INCLUDE_TAG:
+            node = self._include(node)
+            if isinstance(parent, yaml.SequenceNode) and isinstance(node, yaml.SequenceNode):
+                node.splice = True  # type: ignore[attr-defined]
+        return node
+
+    def compose_sequence_node(self, anchor: str | None) -> yaml.SequenceNode:
+        node = super().compose_sequence_node(anchor)
+        if any(getattr(item, "splice", False) for item in node.value):
+            node.value = [
+                part
+                for item in node.value
+                for part in (item.value if getattr(item, "splice", False) else [item])
+            ]
+        return node
+
+    def _include(self, node: yaml.ScalarNode) -> yaml.Node:
+        def fail(problem: str) -> yaml.MarkedYAMLError:
+            return yaml.composer.ComposerError(None, None, problem, node.start_mark)
+
+        if self.file is None or not node.value:
+            raise fail("!include needs a file name next to a family.yaml")
+        target = (self.file.parent / node.value).resolve()
+        if target in self.stack:
+            raise fail(f"!include {node.value} includes itself (directly or indirectly)")
+        try:
+            text = target.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise fail(f"!include {node.value}: cannot read {target}: {exc}") from None
+        loader = StrictLoader(text, target, self.stack)
+        try:
+            root = loader.get_single_node()
+        finally:
+            loader.dispose()
+        if root is None:
+            raise fail(f"!include {node.value}: {target} is empty")
+        return root
 
 
 def _construct_mapping(loader: StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -48,16 +109,21 @@ def load_family(component_dir: pathlib.Path, domain: str) -> Family:
         raise FamilyError(f"{path}: file not found", file) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise FamilyError(f"{path}: cannot read: {exc}", file) from None
+    loader = StrictLoader(text, path)
     try:
-        doc = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - SafeLoader subclass
+        root = loader.get_single_node()
+        doc = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        where = mark.name if mark is not None and mark.name != file else file
         line = f"line {mark.line + 1}: " if mark else ""
         raise FamilyError(
-            f"{path}: {line}{exc.problem or exc.context}", file, mark.line + 1 if mark else None
+            f"{where}: {line}{exc.problem or exc.context}", where, mark.line + 1 if mark else None
         ) from None
     except yaml.YAMLError as exc:
         raise FamilyError(f"{path}: invalid YAML: {exc}", file) from None
+    finally:
+        loader.dispose()
     if not isinstance(doc, dict):
         raise FamilyError(
             f"{path}: (top level): expected a mapping, got {type(doc).__name__}", file, 1
@@ -65,7 +131,7 @@ def load_family(component_dir: pathlib.Path, domain: str) -> Family:
     try:
         return Builder(path, domain, _validate(path, doc)).build()
     except FamilyError as exc:
-        exc.line = _line_of(path, exc.keys)
+        exc.file, exc.line = _locate(loader, root, exc.keys)
         raise
 
 
@@ -88,14 +154,26 @@ def _validate(path: pathlib.Path, doc: dict) -> dict:
         ) from None
 
 
-def _line_of(path: pathlib.Path, keys: tuple[Any, ...]) -> int | None:
-    """Line of the deepest part of `keys` in the file, found with the configuration's loader.
-
-    Only runs on the error path: the strict loader above keeps the messages people know,
-    and yaml_loader's line-aware mappings (with `locate`) supply the line.
-    """
-    try:
-        raw = load_yaml(path)
-    except YamlError:
-        return None
-    return locate(raw, keys)[1]
+def _locate(loader: StrictLoader, node: yaml.Node, keys: tuple[Any, ...]) -> tuple[str, int]:
+    """File and line of the deepest part of `keys` in the composed (merged, spliced) tree."""
+    mark = node.start_mark
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            found = next(
+                (
+                    (key_node, value)
+                    for key_node, value in node.value
+                    if isinstance(key_node, yaml.ScalarNode)
+                    and loader.construct_object(key_node) == key
+                ),
+                None,
+            )
+            if found is None:
+                break
+            mark, node = found[0].start_mark, found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
+            node = node.value[key]
+            mark = node.start_mark
+        else:
+            break
+    return mark.name, mark.line + 1
