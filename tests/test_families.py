@@ -927,6 +927,22 @@ def test_a_shared_list_is_spliced_and_a_cycle_refused(tmp_path: pathlib.Path) ->
         load_family(folder, "test_family")
 
 
+def test_the_valve_mapping_lives_in_the_family(tmp_path: pathlib.Path) -> None:
+    assert FAMILIES["vidi_positioner"].home_assistant == {
+        "valve": {"position": "position", "set_position": "set_position", "moving_field": "valve_state"}
+    }
+    assert FAMILIES["vidi_prv"].home_assistant == {
+        "valve": {"state_field": "valve_position", "open": "open_valve", "close": "close_valve"}
+    }
+    assert TX.home_assistant == {}
+    _write(tmp_path, "name: X\nhw_types: {17: P}\nuplink: {1: {name: leak, type: bool}}\n"
+                     "home_assistant:\n  valve: {position: leak}\n")
+    with pytest.raises(FamilyError) as caught:
+        load_family(tmp_path, "test_family")
+    assert str(caught.value).endswith(": home_assistant.valve.set_position: required key not provided")
+    assert caught.value.line == 5
+
+
 def test_the_family_in_the_docs_is_valid(tmp_path: pathlib.Path) -> None:
     text = (REPO / "docs" / "families.md").read_text(encoding="utf-8")
     _write(tmp_path, "\n".join(re.findall(r"```yaml\n(.*?)```", text, re.S)))

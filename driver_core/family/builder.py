@@ -54,6 +54,7 @@ class Builder:
             entities=entities,
             examples=examples,
             path=self.path,
+            home_assistant=self.doc["home_assistant"],
         )
         family._by_name = by_name
         family._by_code = {c.code: c for c in commands.values()}

@@ -29,6 +29,7 @@ class Family:
     entities: list[EntitySpec]
     examples: list[Example]
     path: pathlib.Path | None = None
+    home_assistant: dict[str, Any] = field(default_factory=dict)  # e.g. valve: {position: ...}
     _decoders: dict[int, dict[int, tuple[str, Decoder]]] = field(default_factory=dict, repr=False)
     _by_name: dict[str, FieldSpec] = field(default_factory=dict, repr=False)
     _by_code: dict[int, CommandSpec] = field(default_factory=dict, repr=False)

@@ -176,6 +176,28 @@ _EXAMPLE_SCHEMA = vol.Schema(
     }
 )
 
+# How the family's devices also appear as a Home Assistant valve (moved from the integration's
+# valves.yaml; checked against the family when used: a missing field or command means no valve).
+#   position:     uplink field with the opening in % (0 closed, 100 open): a valve with position
+#   set_position: configuration moving the valve to a position (parameter 0-100)
+#   moving_field: enum field whose values `opening` / `closing` mean the valve is moving
+#   state_field:  uplink field with the opening in %: open while above 0 (valve without position)
+#   open, close:  commands opening and closing the valve fully
+_VALVE_SCHEMA = vol.Any(
+    {
+        vol.Required("position"): _name,
+        vol.Required("set_position"): _name,
+        vol.Optional("moving_field"): _name,
+    },
+    {
+        vol.Required("state_field"): _name,
+        vol.Required("open"): _name,
+        vol.Required("close"): _name,
+    },
+)
+
+_HOME_ASSISTANT_SCHEMA = vol.Schema({vol.Optional("valve"): _VALVE_SCHEMA})
+
 FAMILY_SCHEMA = vol.Schema(
     {
         vol.Required("name"): _text,
@@ -188,5 +210,6 @@ FAMILY_SCHEMA = vol.Schema(
         vol.Optional("configurations", default=dict): {_name: _CONFIGURATION_SCHEMA},
         vol.Optional("simulate", default=dict): {vol.Optional("common"): _SIM_MAP, _int: _SIM_MAP},
         vol.Optional("examples", default=list): [_EXAMPLE_SCHEMA],
+        vol.Optional("home_assistant", default=dict): _HOME_ASSISTANT_SCHEMA,
     }
 )
