@@ -32,7 +32,7 @@ from pathlib import Path
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("OSCORE (aiocoap oscore + crypto)", ("aiocoap/oscore.py", "oscore_context.py", "cryptography/")),
     ("device lookup / JOIN (security.py)", ("driver_core/security.py", "join_tokens.py")),
-    ("family decode", ("driver_core/family.py", " (vidi_", "custom_components/vidi_")),
+    ("family decode", ("driver_core/family/", " (vidi_", "custom_components/vidi_")),
     ("downlink queue", ("driver_core/downlinks.py",)),
     ("callbacks (integration, aiohttp client)", (" (callbacks/", "custom_components/callbacks/", "aiohttp/")),
     ("event bus + other integrations", ("driver_core/events.py", " (homeassistant/")),
@@ -56,7 +56,7 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("downlink queue", ("driver_core/downlinks.py",)),
     ("device lookup / JOIN", ("driver_core/security.py", "driver_core/batch_loader.py", "join_tokens.py",
                               "oscore_context.py")),
-    ("family decode", ("driver_core/family.py",)),
+    ("family decode", ("driver_core/family/",)),
     ("CoAP resources (driver)", ("driver_core/coap_server.py", "driver_core/metrics.py", "driver_core/uplink.py",
                                  "driver_core/rate_limit.py", "driver_core/response_cache.py")),
     ("event bus", ("driver_core/events.py",)),

@@ -8,6 +8,7 @@ import json
 import pathlib
 import random
 import re
+import shutil
 from typing import Any
 
 import cbor2
@@ -821,6 +822,125 @@ def test_bad_family_file(tmp_path: pathlib.Path, text: str | None, problem: str)
     with pytest.raises(FamilyError) as caught:
         load_family(tmp_path, "test_family")
     assert str(caught.value) == f"{tmp_path / 'family.yaml'}: {problem}"
+
+
+BAD_LINES = [  # (a line of vidi_prv/family.yaml, what it becomes, key path in the message)
+    (
+        "  tx_interval: {code: 16,",
+        "  tx_interval: {code: 1,",
+        "configurations.tx_interval.code: code 1 is already used by commands.reboot",
+    ),
+    (
+        "  16: {name: temperature, type: int, scale: 0.01,",
+        "  16: {name: temperature, type: int, scale: hundredth,",
+        "uplink.16.scale: expected a number, got 'hundredth'",
+    ),
+    (
+        "  - {key: flow, platform: sensor,",
+        "  - {key: flows, platform: sensor,",
+        "entities.5.key: no uplink field named 'flows'",
+    ),
+    (
+        "    inlet_pressure: {min: 5, max: 9}",
+        "    inlet_pressure: {probability: 0.5}",
+        "simulate.28.inlet_pressure: field of type int needs {min, max}",
+    ),
+]
+
+
+@pytest.mark.parametrize(("line", "bad", "problem"), BAD_LINES, ids=[b[2].split(":")[0] for b in BAD_LINES])
+def test_a_family_error_names_file_and_line(
+    tmp_path: pathlib.Path, line: str, bad: str, problem: str
+) -> None:
+    shutil.copytree(REPO / "custom_components" / "vidi_common", tmp_path / "vidi_common")
+    folder = tmp_path / "vidi_prv"
+    folder.mkdir()
+    lines = (REPO / "custom_components" / "vidi_prv" / "family.yaml").read_text("utf-8").splitlines()
+    number = next(n for n, text in enumerate(lines, start=1) if text.startswith(line))
+    lines[number - 1] = lines[number - 1].replace(line, bad, 1)
+    _write(folder, "\n".join(lines) + "\n")
+    with pytest.raises(FamilyError) as caught:
+        load_family(folder, "test_family")
+    assert str(caught.value) == f"{folder / 'family.yaml'}: {problem}"
+    assert (caught.value.file, caught.value.line) == (str(folder / "family.yaml"), number)
+
+
+def test_a_yaml_error_names_file_and_line(tmp_path: pathlib.Path) -> None:
+    _write(tmp_path, "name: X\ncommands:\n  reboot: {code: 1, description: a}\n  reboot: {code: 2}\n")
+    with pytest.raises(FamilyError) as caught:
+        load_family(tmp_path, "test_family")
+    assert (caught.value.file, caught.value.line) == (str(tmp_path / "family.yaml"), 4)
+
+
+def _family_with_shared_block(tmp_path: pathlib.Path, shared: str, family: str) -> pathlib.Path:
+    """A family folder next to a vidi_common-like folder holding `shared` as block.yaml."""
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "block.yaml").write_text(shared, encoding="utf-8")
+    (tmp_path / "fam").mkdir()
+    _write(tmp_path / "fam", family)
+    return tmp_path / "fam"
+
+
+SHARED_FAMILY = (
+    "name: X\nhw_types: {17: P}\nuplink:\n  <<: !include ../common/block.yaml\n"
+    "  9: {name: leak, type: bool}\nsimulate: {17: {battery: {min: 0, max: 100}}}\n"
+)
+
+
+def test_a_shared_block_is_merged_into_the_family(tmp_path: pathlib.Path) -> None:
+    folder = _family_with_shared_block(tmp_path, "1: {name: battery, type: uint}\n", SHARED_FAMILY)
+    family = load_family(folder, "test_family")
+    assert [spec.name for spec in family.fields.values()] == ["battery", "leak"]
+    assert family.decode(17, bytes.fromhex("a201185009f4")) == {"battery": 80, "leak": False}
+
+
+def test_an_error_in_a_shared_block_names_its_file_and_line(tmp_path: pathlib.Path) -> None:
+    folder = _family_with_shared_block(
+        tmp_path, "# shared\n1: {name: battery, type: uint}\n2: {name: rssi, type: sint}\n", SHARED_FAMILY
+    )
+    with pytest.raises(FamilyError) as caught:
+        load_family(folder, "test_family")
+    assert str(caught.value).endswith("family.yaml: uplink.2.type: 'sint' is not one of: "
+                                      "uint, int, float, bool, enum, bitfield, tstr")
+    block = (tmp_path / "common" / "block.yaml").resolve()
+    assert (caught.value.file, caught.value.line) == (str(block), 3)
+
+
+def test_a_key_in_both_the_family_and_a_shared_block_is_refused(tmp_path: pathlib.Path) -> None:
+    folder = _family_with_shared_block(tmp_path, "9: {name: battery, type: uint}\n", SHARED_FAMILY)
+    with pytest.raises(FamilyError, match=r"family\.yaml: line 5: duplicate key 9$"):
+        load_family(folder, "test_family")
+
+
+def test_a_shared_list_is_spliced_and_a_cycle_refused(tmp_path: pathlib.Path) -> None:
+    folder = _family_with_shared_block(
+        tmp_path,
+        "- {key: battery, platform: sensor}\n",
+        "name: X\nhw_types: {17: P}\nuplink: {1: {name: battery, type: uint}, 2: {name: leak, type: bool}}\n"
+        "simulate: {17: {battery: {min: 0, max: 100}}}\n"
+        "entities:\n  - {key: leak, platform: binary_sensor}\n  - !include ../common/block.yaml\n",
+    )
+    family = load_family(folder, "test_family")
+    assert [entity.key for entity in family.entities] == ["leak", "battery"]
+    (tmp_path / "common" / "block.yaml").write_text("- !include block.yaml\n", encoding="utf-8")
+    with pytest.raises(FamilyError, match=r"block\.yaml: line 1: !include block\.yaml includes itself"):
+        load_family(folder, "test_family")
+
+
+def test_the_valve_mapping_lives_in_the_family(tmp_path: pathlib.Path) -> None:
+    assert FAMILIES["vidi_positioner"].home_assistant == {
+        "valve": {"position": "position", "set_position": "set_position", "moving_field": "valve_state"}
+    }
+    assert FAMILIES["vidi_prv"].home_assistant == {
+        "valve": {"state_field": "valve_position", "open": "open_valve", "close": "close_valve"}
+    }
+    assert TX.home_assistant == {}
+    _write(tmp_path, "name: X\nhw_types: {17: P}\nuplink: {1: {name: leak, type: bool}}\n"
+                     "home_assistant:\n  valve: {position: leak}\n")
+    with pytest.raises(FamilyError) as caught:
+        load_family(tmp_path, "test_family")
+    assert str(caught.value).endswith(": home_assistant.valve.set_position: required key not provided")
+    assert caught.value.line == 5
 
 
 def test_the_family_in_the_docs_is_valid(tmp_path: pathlib.Path) -> None:

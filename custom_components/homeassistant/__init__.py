@@ -44,7 +44,7 @@ from driver_core.timefmt import utcnow
 from driver_core.uplink import Uplink
 
 from .config_flow import DOMAIN, SETTINGS_SCHEMA, async_validate, async_validated
-from .discovery import DeviceDiscovery, DeviceRecord, Driver, Topics, load_valves
+from .discovery import DeviceDiscovery, DeviceRecord, Driver, Topics
 from .fleet import (
     PAGE,
     by_serial,
@@ -104,7 +104,6 @@ class HomeAssistantIntegration(WatchableStatus):
     def __init__(self, driver: Any, settings: dict[str, Any]) -> None:
         self._driver = driver
         self._settings = settings
-        self._valves = load_valves()
         self._transport = MqttTransport(driver, self._on_connect, self._wake)
         self._tracked: dict[str, Tracked] = {}
         self._by_id: dict[int, str] = {}
@@ -236,7 +235,7 @@ class HomeAssistantIntegration(WatchableStatus):
             driver_status=self._transport.status_topic,
             command=self._transport.command_topic,
         )
-        return DeviceDiscovery(topics, Driver(self._driver_identifier(), _version()), self._valves)
+        return DeviceDiscovery(topics, Driver(self._driver_identifier(), _version()))
 
     @property
     def driver_identifier(self) -> str:

@@ -20,11 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
-
-import voluptuous as vol
-import yaml
 
 from driver_core.family import CommandSpec, EntitySpec, Family
 
@@ -83,36 +79,6 @@ class Driver:
     version: str
 
 
-# ---------------------------------------------------------------------------- valves
-
-_NAME = vol.All(str, vol.Length(min=1))
-VALVE_SCHEMA = vol.Schema(
-    {
-        str: vol.Any(
-            {
-                vol.Required("position"): _NAME,
-                vol.Required("set_position"): _NAME,
-                vol.Optional("moving_field"): _NAME,
-            },
-            {
-                vol.Required("state_field"): _NAME,
-                vol.Required("open"): _NAME,
-                vol.Required("close"): _NAME,
-            },
-        )
-    }
-)
-
-
-def load_valves(path: Path | None = None) -> dict[str, dict[str, str]]:
-    """The family -> valve mapping of valves.yaml (raises ValueError naming the file)."""
-    path = path or Path(__file__).with_name("valves.yaml")
-    try:
-        return VALVE_SCHEMA(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    except (OSError, yaml.YAMLError, vol.Invalid) as exc:
-        raise ValueError(f"{path}: {exc}") from None
-
-
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -161,10 +127,9 @@ def _title(name: str) -> str:
 class DeviceDiscovery:
     """Builds the discovery messages of devices for one set of topics."""
 
-    def __init__(self, topics: Topics, driver: Driver, valves: dict[str, dict[str, str]]):
+    def __init__(self, topics: Topics, driver: Driver):
         self.topics = topics
         self.driver = driver
-        self.valves = valves
 
     # -- the driver itself ---------------------------------------------------------
     def driver_device(self) -> dict[str, Any]:
@@ -354,7 +319,7 @@ class DeviceDiscovery:
     def _valve(
         self, family: Family, device: DeviceRecord, state: str, command: str
     ) -> dict[str, Any] | None:
-        mapping = self.valves.get(family.domain)
+        mapping = family.home_assistant.get("valve")
         if mapping is None:
             return None
         sent = set(family.hw_fields.get(device.hw_type, ()))
