@@ -115,6 +115,7 @@ class HomeAssistantIntegration(WatchableStatus):
         self._dirty_states: set[str] = set()
         self._dirty_availability: set[str] = set()
         self._removed: dict[str, int] = {}  # serial -> hw_type
+        self._clearing = False  # the removed devices' empty retained messages are on their way
         self._full = True  # everything must be (re)published
         self._clear_all = False  # disabled: remove every device from Home Assistant
         self._wakeup = asyncio.Event()
@@ -141,7 +142,8 @@ class HomeAssistantIntegration(WatchableStatus):
             "devices": len(self._tracked),
             "online": sum(1 for t in self._tracked.values() if t.availability == ONLINE),
             "published": self.published,
-            "republishing": self.republishing or self._full,
+            # Work still owed to the broker (removals included): "settled" means nothing is.
+            "republishing": self.republishing or self._full or bool(self._removed) or self._clearing,
             "last_error": self._last_error,
         }
 
@@ -553,11 +555,15 @@ class HomeAssistantIntegration(WatchableStatus):
                     (discovery.topics.for_device(discovery.topics.state, serial), EMPTY),
                     (discovery.topics.for_device(discovery.topics.availability, serial), EMPTY),
                 ]
+            self._clearing = True
             try:
                 await self._publish_all(messages)
             except NotConnected:
                 self._removed.update(removed)
                 raise
+            finally:
+                self._clearing = False
+                self._changed()
         while self._dirty_configs or self._dirty_states or self._dirty_availability:
             configs, self._dirty_configs = self._dirty_configs, set()
             states, self._dirty_states = self._dirty_states, set()
