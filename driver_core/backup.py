@@ -66,7 +66,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import __version__
 from .config import CoreConfig
-from .permissions import create_private_file, private_dir
+from .permissions import create_private_file, private_dir, private_output
 from .runstate import LOCK_FILE, RunLock, renew_join_epoch
 from .storage.db import (
     SQLITE_SUFFIXES,
@@ -387,9 +387,8 @@ def _write_archive(
         checksums[member] = _sha256_file(source)
     manifest["config_files"] = [info.name.split("/", 1)[1] for info, _ in config]
     manifest[CHECKSUMS] = checksums
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the secret key
-    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as archive:
-        os.fchmod(raw.fileno(), 0o600)
+    # Owner-only (it holds the secret key), and on disk once the archive is closed.
+    with private_output(path, exclusive=False) as raw, tarfile.open(fileobj=raw, mode="w:gz") as archive:
         data = json.dumps(manifest, indent=1).encode()
         info = tarfile.TarInfo(MANIFEST)
         info.size, info.mode, info.mtime = len(data), 0o600, int(datetime.now(UTC).timestamp())
@@ -398,8 +397,6 @@ def _write_archive(
             archive.addfile(info, io.BytesIO(data))
         for source, member in database_members:
             archive.add(source, arcname=member, recursive=False, filter=_private)
-        raw.flush()
-        os.fsync(raw.fileno())
 
 
 # ---- restore: validate the whole archive in a staging area, then swap -----------------------------
@@ -518,14 +515,10 @@ def _extract_verified(archive: tarfile.TarFile, member: tarfile.TarInfo, target:
     assert handle is not None
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        os.fchmod(out.fileno(), (member.mode & 0o700) | 0o600)
+    with private_output(target, mode=(member.mode & 0o700) | 0o600) as out:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
             out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())  # durable before it replaces a live file
     return digest.hexdigest()
 
 
@@ -808,12 +801,8 @@ async def _restore_sqlite(
 
 
 def _copy_private(source: Path, target: Path) -> None:
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-        os.fchmod(out.fileno(), 0o600)
+    with private_output(target) as out, open(source, "rb") as src:
         shutil.copyfileobj(src, out)
-        out.flush()
-        os.fsync(out.fileno())
 
 
 def _drop_ours_sync(conn: Connection, names: set[str]) -> None:

@@ -11,11 +11,13 @@ logs one line naming what it changed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -49,6 +51,18 @@ def create_private_file(path: Path) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+@contextlib.contextmanager
+def private_output(path: Path, exclusive: bool = True, mode: int = FILE_MODE) -> Iterator[BinaryIO]:
+    """An owner-only file to write (new if `exclusive`, else truncated), on disk when the block
+    ends: backups and staged restore files, which may replace live ones."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    with os.fdopen(os.open(path, flags, mode), "wb") as out:
+        os.fchmod(out.fileno(), mode)
+        yield out
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def open_private(path: Path) -> int:
